@@ -1,0 +1,1 @@
+"""Injected backends: training backends, dataset sources, artifact store, registry, telemetry."""
