@@ -1,0 +1,3 @@
+from crucible_jobs.definitions import defs
+
+__all__ = ["defs"]

@@ -1,0 +1,81 @@
+"""The one pattern every asset follows: fingerprint the inputs, reuse the stored artifact on
+a hit, otherwise build it in staging and publish it; report the content hash as the
+Dagster data version either way. `build(out_dir, work_dir)` writes the artifact into
+out_dir; work_dir survives a crash for resumable work and is removed on publish."""
+
+from __future__ import annotations
+
+import base64
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Callable
+
+from dagster import AssetExecutionContext, DataVersion, MetadataValue, Output
+
+from resources.artifact_store import ArtifactRef, ArtifactStore, fingerprint
+
+PACKAGES = ("torch", "transformers", "peft", "tokenizers", "dagster", "datasets")
+
+
+def package_versions() -> dict[str, str]:
+    return {p: version(p) for p in PACKAGES}
+
+
+def cached_artifact(
+    context: AssetExecutionContext,
+    store: ArtifactStore,
+    *,
+    code_version: str,
+    config: dict,
+    upstream: dict[str, ArtifactRef],
+    build: Callable[[Path, Path], dict | None],
+    backend: dict | None = None,
+    extra_inputs: dict | None = None,
+) -> Output:
+    key = context.asset_key.to_user_string()
+    fp = fingerprint(
+        code_version=code_version,
+        config=config,
+        upstream={k: r.content_hash for k, r in sorted(upstream.items())},
+        backend=backend,
+        extra=extra_inputs,
+    )
+    ref = store.lookup(fp)
+    cached = ref is not None
+    if cached:
+        context.log.info(f"cache hit for {key}: fingerprint {fp}, data version {ref.content_hash}")
+    else:
+        record = {
+            "code_version": code_version,
+            "config": config,
+            "upstream": [r.model_dump(exclude={"path"}) for r in upstream.values()],
+            "backend": backend,
+            "extra_inputs": extra_inputs,
+            "run_id": context.run_id,
+            "created_at": time.time(),
+            "packages": package_versions(),
+        }
+        ref = store.write(key, fp, lambda out: build(out, store.work_dir(fp)), record)
+    store.set_latest(ref)
+    summary = store.manifest(fp)["summary"]
+    return Output(ref, data_version=DataVersion(ref.content_hash), metadata=to_metadata(ref, summary, cached))
+
+
+def to_metadata(ref: ArtifactRef, summary: dict, cached: bool) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "data_version": ref.content_hash,
+        "fingerprint": ref.fingerprint,
+        "path": MetadataValue.path(ref.path),
+        "cached": cached,
+    }
+    for k, v in summary.items():
+        if k == "plots":
+            for name in v:
+                png = base64.b64encode((ref.dir / name).read_bytes()).decode()
+                meta[Path(name).stem] = MetadataValue.md(f"![{name}](data:image/png;base64,{png})")
+        elif isinstance(v, (int, float, str, bool)):
+            meta[k] = v
+        else:
+            meta[k] = MetadataValue.json(v)
+    return meta

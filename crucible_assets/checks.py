@@ -1,0 +1,79 @@
+"""Blocking asset checks. Dataset checks run Great Expectations 1.x (ephemeral context,
+pandas batch) on the stored records; the eval gate keeps a model that is not better than
+its start out of the registry."""
+
+
+import json
+import logging
+
+import pandas as pd
+from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, multi_asset_check, asset_check
+
+from crucible_assets.stages import key
+from resources.artifact_store import ArtifactStore
+
+logging.getLogger("great_expectations").setLevel(logging.WARNING)
+
+DATASET_CHECKS = ("schema", "non_empty", "no_nulls", "trainable_records")
+
+
+def record_frame(store: ArtifactStore, recipe: str) -> pd.DataFrame:
+    ref = store.latest(key(recipe, "dataset").to_user_string())
+    rows = []
+    for split in ("train", "test"):
+        for line in (ref.dir / f"{split}.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            messages = r.get("messages") or []
+            rows.append({
+                "split": split,
+                "body": json.dumps(messages) if messages else r.get("text"),
+                "assistant_chars": sum(len(m["content"].strip()) for m in messages if m["role"] == "assistant") if messages else None,
+                "text_chars": len(r["text"].strip()) if "text" in r else None,
+            })
+    return pd.DataFrame(rows, columns=["split", "body", "assistant_chars", "text_chars"])
+
+
+def validate(df: pd.DataFrame) -> dict[str, tuple[bool, dict]]:
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+
+    context = gx.get_context(mode="ephemeral")
+    batch = (context.data_sources.add_pandas("crucible").add_dataframe_asset("records")
+             .add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": df}))
+    trainable_col = "assistant_chars" if df["assistant_chars"].notna().any() else "text_chars"
+    expectations = {
+        "schema": [gxe.ExpectColumnToExist(column=c) for c in ("split", "body")]
+                  + [gxe.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "test"])],
+        "non_empty": [gxe.ExpectTableRowCountToBeBetween(min_value=2)],
+        "no_nulls": [gxe.ExpectColumnValuesToNotBeNull(column="body")],
+        "trainable_records": [gxe.ExpectColumnValuesToBeBetween(column=trainable_col, min_value=1)],
+    }
+    results = {}
+    for name, exps in expectations.items():
+        outcomes = [batch.validate(e) for e in exps]
+        results[name] = (all(o.success for o in outcomes),
+                         {o.expectation_config.type: {"success": o.success, **{k: v for k, v in o.result.items() if k in ("observed_value", "unexpected_count", "partial_unexpected_list")}} for o in outcomes})
+    return results
+
+
+def dataset_checks(recipe: str):
+    @multi_asset_check(specs=[AssetCheckSpec(name, asset=key(recipe, "dataset"), blocking=True) for name in DATASET_CHECKS],
+                       name=f"{recipe}__dataset_checks")
+    def _checks(store: ArtifactStore):
+        for name, (ok, details) in validate(record_frame(store, recipe)).items():
+            yield AssetCheckResult(check_name=name, asset_key=key(recipe, "dataset"), passed=ok,
+                                   severity=AssetCheckSeverity.ERROR, metadata={"great_expectations": details})
+
+    return _checks
+
+
+def eval_gate_check(recipe: str):
+    @asset_check(asset=key(recipe, "eval_report"), name="beats_starting_model", blocking=True,
+                 description="test/nll is lower than the starting model's and the 95% CI of the difference excludes zero.")
+    def _gate(store: ArtifactStore) -> AssetCheckResult:
+        ref = store.latest(key(recipe, "eval_report").to_user_string())
+        report = json.loads((ref.dir / "report.json").read_text())
+        lo, hi = report["test/nll_delta_ci"]
+        return AssetCheckResult(passed=hi < 0, metadata={"test/nll_delta": report["test/nll_delta"], "ci_low": lo, "ci_high": hi})
+
+    return _gate

@@ -1,0 +1,99 @@
+"""Eval report: the trained model against its starting point on held-out data, with
+paired bootstrap confidence intervals, so "better" means the interval excludes zero."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+from dagster import Config
+from pydantic import Field
+
+from resources.training_backend import SamplingParams, TrainingClient
+
+
+class EvalConfig(Config):
+    max_tokens: int = Field(default=24, description="generation budget per held-out prompt")
+    num_shown: int = Field(default=8, description="sampled completions included in the report")
+    bootstrap_samples: int = 1000
+    seed: int = 0
+
+
+def nll_per_example(client: TrainingClient, rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Summed NLL and weighted token count of each example's target tokens."""
+    logprobs = client.compute_logprobs([r["tokens"] for r in rows])
+    nll = np.array([-np.dot(lp, r["weights"][1:]) for lp, r in zip(logprobs, rows)])
+    count = np.array([sum(r["weights"][1:]) for r in rows])
+    return nll, count
+
+
+def bootstrap_ci(stat, n: int, samples: int, seed: int) -> tuple[float, float]:
+    """95% percentile interval of `stat(indices)` over resampled example sets."""
+    rng = np.random.default_rng(seed)
+    values = [stat(rng.integers(0, n, n)) for _ in range(samples)]
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
+def answer_matches(completion: str, reference: str) -> bool:
+    """Correct when the last number of the completion equals the reference's last number
+    (or, without numbers, when the reference text appears)."""
+    ref_nums = re.findall(r"-?\d+", reference)
+    got_nums = re.findall(r"-?\d+", completion)
+    if ref_nums:
+        return bool(got_nums) and got_nums[-1] == ref_nums[-1]
+    return reference.strip() in completion
+
+
+def evaluate(start: TrainingClient, trained: TrainingClient, tokenizer, rows: list[dict], test_bytes: np.ndarray, cfg: EvalConfig) -> dict:
+    nll_s, count = nll_per_example(start, rows)
+    nll_t, _ = nll_per_example(trained, rows)
+    n = len(rows)
+
+    def mean(nll):
+        return lambda idx: nll[idx].sum() / count[idx].sum()
+
+    diff = lambda idx: mean(nll_t)(idx) - mean(nll_s)(idx)  # noqa: E731
+    ci = lambda f: bootstrap_ci(f, n, cfg.bootstrap_samples, cfg.seed)  # noqa: E731
+    report = {
+        "num_examples": n,
+        "num_target_tokens": int(count.sum()),
+        "test/nll": float(nll_t.sum() / count.sum()),
+        "test/nll_ci": ci(mean(nll_t)),
+        "start/test/nll": float(nll_s.sum() / count.sum()),
+        "start/test/nll_ci": ci(mean(nll_s)),
+        "test/nll_delta": float(diff(np.arange(n))),
+        "test/nll_delta_ci": ci(diff),
+        "test/bits_per_byte": float(nll_t.sum() / math.log(2) / test_bytes.sum()),
+        "start/test/bits_per_byte": float(nll_s.sum() / math.log(2) / test_bytes.sum()),
+    }
+    prompted = [r for r in rows if len(r["prompt_tokens"])]
+    if prompted:
+        params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0, seed=cfg.seed)
+        prompts = [list(r["prompt_tokens"]) for r in prompted]
+        for name, client in (("start", start), ("trained", trained)):
+            outs = [tokenizer.decode(s[0].tokens, skip_special_tokens=True) for s in client.sample(prompts, 1, params)]
+            correct = np.array([answer_matches(o, r["reference"]) for o, r in zip(outs, prompted)], dtype=float)
+            prefix = "" if name == "trained" else "start/"
+            report[f"{prefix}test/accuracy"] = float(correct.mean())
+            report[f"{prefix}test/accuracy_ci"] = bootstrap_ci(lambda idx: correct[idx].mean(), len(correct), cfg.bootstrap_samples, cfg.seed)
+            if name == "trained":
+                report["samples"] = [
+                    {"prompt": tokenizer.decode(p), "reference": r["reference"], "completion": o}
+                    for p, r, o in list(zip(prompts, prompted, outs))[: cfg.num_shown]
+                ]
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = ["| metric | trained | start | 95% CI (trained) |", "|---|---|---|---|"]
+    for key in ("test/nll", "test/bits_per_byte", "test/accuracy"):
+        if key in report:
+            ci = report.get(f"{key}_ci")
+            ci_text = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+            lines.append(f"| {key} | {report[key]:.4f} | {report['start/' + key]:.4f} | {ci_text} |")
+    lo, hi = report["test/nll_delta_ci"]
+    lines += ["", f"test/nll delta (trained - start): {report['test/nll_delta']:.4f}, 95% CI [{lo:.4f}, {hi:.4f}]", ""]
+    for s in report.get("samples", []):
+        lines.append(f"- prompt `{s['prompt']!r}` reference `{s['reference']}` completion `{s['completion']}`")
+    return "\n".join(lines) + "\n"

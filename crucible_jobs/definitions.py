@@ -1,0 +1,24 @@
+"""Definitions in one place: every recipe's assets and checks, the shared base, resources, jobs."""
+
+from dagster import Definitions
+
+from crucible_assets.base_assets import BASE_ASSETS
+from crucible_assets.io_manager import ArtifactIOManager
+from crucible_jobs.jobs import RECIPES, recipe_job
+from resources.artifact_store import ArtifactStore
+from resources.local_torch import LocalTorchBackend
+from resources.registry import ModelRegistry
+
+store = ArtifactStore()
+
+defs = Definitions(
+    assets=BASE_ASSETS + [a for r in RECIPES for a in r.assets],
+    asset_checks=[c for r in RECIPES for c in r.checks],
+    jobs=[recipe_job(r.NAME) for r in RECIPES],
+    resources={
+        "store": store,
+        "registry": ModelRegistry(),
+        "backend": LocalTorchBackend(),
+        "io_manager": ArtifactIOManager(store=store),
+    },
+)
