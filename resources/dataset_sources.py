@@ -38,7 +38,7 @@ def load_records(cfg: DatasetConfig) -> list[dict]:
         return arithmetic_conversations(cfg.num_examples, cfg.seed)
     if cfg.source in ("jsonl", "parquet", "hf"):
         raw = {"jsonl": _read_jsonl, "parquet": _read_parquet, "hf": _read_hf}[cfg.source](cfg)
-        origin = cfg.path or ",".join(cfg.data_files)
+        origin = ",".join(cfg.data_files) or cfg.path
         records = [validate_record(r, origin, where) for where, r in raw]
         if cfg.num_examples and cfg.source != "hf":
             records = records[: cfg.num_examples]

@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny run config for the recipe jobs and isolated Crucible/Dagster homes."""
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+# Small enough for the default test run, big enough that training measurably helps.
+TINY_RUN_CONFIG = {
+    "ops": {
+        "base__tiny_llama": {"config": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128}},
+        "sl_basic__dataset": {"config": {"num_examples": 600}},
+        "sl_basic__checkpoint": {"config": {"max_steps": 40, "eval_every": 20, "save_every": 10}},
+        "sl_basic__eval_report": {"config": {"max_tokens": 12, "bootstrap_samples": 300}},
+    }
+}
+
+
+@pytest.fixture
+def homes(tmp_path, monkeypatch):
+    """A fresh CRUCIBLE_HOME and DAGSTER_HOME for one test."""
+    crucible, dagster = tmp_path / "crucible", tmp_path / "dagster"
+    dagster.mkdir()
+    monkeypatch.setenv("CRUCIBLE_HOME", str(crucible))
+    monkeypatch.setenv("DAGSTER_HOME", str(dagster))
+    return crucible, dagster
+
+
+def tree_digest(root: Path) -> str:
+    """Hash of every file's name and bytes under root (missing root hashes as empty)."""
+    h = hashlib.sha256()
+    if root.exists():
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+def run_job(name: str, run_config: dict, raise_on_error: bool = True):
+    from dagster import DagsterInstance
+
+    from crucible_jobs import defs
+
+    job = defs.resolve_job_def(name)
+    with DagsterInstance.get() as instance:
+        return job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=raise_on_error)
+
+
+def env_with(**extra) -> dict:
+    env = dict(os.environ)
+    env.update(extra)
+    return env
