@@ -57,7 +57,6 @@ def cached_artifact(
             "packages": package_versions(),
         }
         ref = store.write(key, fp, lambda out: build(out, store.work_dir(fp)), record)
-    store.set_latest(ref)
     summary = store.manifest(fp)["summary"]
     return Output(ref, data_version=DataVersion(ref.content_hash), metadata=to_metadata(ref, summary, cached))
 

@@ -20,11 +20,11 @@ class EvalConfig(Config):
     seed: int = 0
 
 
-def nll_per_example(client: TrainingClient, rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Summed NLL and weighted token count of each example's target tokens."""
-    logprobs = client.compute_logprobs([r["tokens"] for r in rows])
-    nll = np.array([-np.dot(lp, r["weights"][1:]) for lp, r in zip(logprobs, rows)])
-    count = np.array([sum(r["weights"][1:]) for r in rows])
+def nll_per_example(client: TrainingClient, examples: list[tuple[list[int], list[float]]]) -> tuple[np.ndarray, np.ndarray]:
+    """Summed NLL and weighted token count of each (tokens, weights) example's targets."""
+    logprobs = client.compute_logprobs([tokens for tokens, _ in examples])
+    nll = np.array([-np.dot(lp, weights[1:]) for lp, (_, weights) in zip(logprobs, examples)])
+    count = np.array([sum(weights[1:]) for _, weights in examples])
     return nll, count
 
 
@@ -46,8 +46,9 @@ def answer_matches(completion: str, reference: str) -> bool:
 
 
 def evaluate(start: TrainingClient, trained: TrainingClient, tokenizer, rows: list[dict], test_bytes: np.ndarray, cfg: EvalConfig) -> dict:
-    nll_s, count = nll_per_example(start, rows)
-    nll_t, _ = nll_per_example(trained, rows)
+    examples = [(r["tokens"], r["weights"]) for r in rows]
+    nll_s, count = nll_per_example(start, examples)
+    nll_t, _ = nll_per_example(trained, examples)
     n = len(rows)
 
     def mean(nll):

@@ -2,6 +2,7 @@
 its stages and config classes; the factories wire keys, inputs, caching and metadata."""
 
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -88,8 +89,6 @@ def dataset_asset(recipe: str, config_cls: type[DatasetConfig]):
             for split, text in body.items():
                 (out / f"{split}.jsonl").write_text(text)
             return {"rows": len(records), "train_rows": len(train), "test_rows": len(test)}
-
-        import hashlib
 
         records_hash = hashlib.sha256((body["train"] + body["test"]).encode()).hexdigest()
         return cached_artifact(context, store, code_version="1", config=config.model_dump(), upstream={},

@@ -18,6 +18,7 @@ import numpy as np
 from dagster import Config
 from pydantic import Field
 
+from crucible_assets.evaluation import nll_per_example
 from crucible_assets.schedules import learning_rate
 from resources.training_backend import AdamParams, Datum, TrainingClient
 
@@ -70,9 +71,8 @@ def total_steps(cfg: SupervisedConfig, n: int) -> int:
 
 
 def mean_nll(client: TrainingClient, examples: list[Example]) -> float:
-    logprobs = client.compute_logprobs([t for t, _ in examples])
-    num = sum(-lp * w for (_, ws), lps in zip(examples, logprobs) for lp, w in zip(lps, ws[1:]))
-    return num / sum(sum(ws[1:]) for _, ws in examples)
+    nll, count = nll_per_example(client, examples)
+    return float(nll.sum() / count.sum())
 
 
 def _last_save(work_dir: Path) -> Path | None:
