@@ -21,14 +21,14 @@ class TinyModelConfig(Config):
     seed: int = 0
 
 
-@asset(key=AssetKey(["base", "tokenizer"]), group_name="base", code_version="1", kinds={"huggingface"},
+@asset(key=AssetKey(["base", "tokenizer"]), group_name="base", code_version="2", kinds={"huggingface"},
        description="Byte-level BPE trained on a corpus covering every default task, with a ChatML template.")
 def base_tokenizer(context: AssetExecutionContext, config: TokenizerConfig, store: ArtifactStore) -> Output[ArtifactRef]:
     def build(out, _work):
         tok = train_tokenizer(out, config.vocab_size, config.seed)
         return {"vocab_size": len(tok)}
 
-    return cached_artifact(context, store, code_version="1", config=config.model_dump(), upstream={}, build=build)
+    return cached_artifact(context, store, config=config.model_dump(), upstream={}, build=build)
 
 
 @asset(key=AssetKey(["base", "tiny_llama"]), group_name="base", code_version="1", kinds={"pytorch", "huggingface"},
@@ -42,7 +42,7 @@ def base_tiny_llama(context: AssetExecutionContext, config: TinyModelConfig, sto
         )
         return {"parameters": params}
 
-    return cached_artifact(context, store, code_version="1", config=config.model_dump(), upstream={"tokenizer": tokenizer}, build=build)
+    return cached_artifact(context, store, config=config.model_dump(), upstream={"tokenizer": tokenizer}, build=build)
 
 
 BASE_ASSETS = [base_tokenizer, base_tiny_llama]

@@ -26,7 +26,6 @@ def cached_artifact(
     context: AssetExecutionContext,
     store: ArtifactStore,
     *,
-    code_version: str,
     config: dict,
     upstream: dict[str, ArtifactRef],
     build: Callable[[Path, Path], dict | None],
@@ -34,6 +33,8 @@ def cached_artifact(
     extra_inputs: dict | None = None,
 ) -> Output:
     key = context.asset_key.to_user_string()
+    # the asset's declared code_version, so bumping it in the decorator invalidates the cache
+    code_version = context.assets_def.code_versions_by_key[context.asset_key]
     fp = fingerprint(
         code_version=code_version,
         config=config,

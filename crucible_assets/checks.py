@@ -14,7 +14,10 @@ from resources.artifact_store import ArtifactStore
 
 logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
-DATASET_CHECKS = ("schema", "non_empty", "no_nulls", "trainable_records")
+DATASET_CHECKS = ("schema", "non_empty", "no_nulls", "trainable_records", "roles_valid", "alternation", "no_empty_assistant_turns")
+ROLE = "(system|user|assistant|tool)"
+# system prompts first, then user turns each answered by the assistant (tool results in between)
+ALTERNATION = r"^(system,)*user,assistant(,tool,assistant)*(,user,assistant(,tool,assistant)*)*$"
 
 
 def record_frame(store: ArtifactStore, recipe: str) -> pd.DataFrame:
@@ -24,13 +27,16 @@ def record_frame(store: ArtifactStore, recipe: str) -> pd.DataFrame:
         for line in (ref.dir / f"{split}.jsonl").read_text().splitlines():
             r = json.loads(line)
             messages = r.get("messages") or []
+            assistant = [m["content"].strip() for m in messages if m["role"] == "assistant"]
             rows.append({
                 "split": split,
                 "body": json.dumps(messages) if messages else r.get("text"),
-                "assistant_chars": sum(len(m["content"].strip()) for m in messages if m["role"] == "assistant") if messages else None,
+                "assistant_chars": sum(map(len, assistant)) if messages else None,
                 "text_chars": len(r["text"].strip()) if "text" in r else None,
+                "roles": ",".join(m["role"] for m in messages) if messages else None,
+                "empty_assistant_turns": sum(not a for a in assistant) if messages else None,
             })
-    return pd.DataFrame(rows, columns=["split", "body", "assistant_chars", "text_chars"])
+    return pd.DataFrame(rows, columns=["split", "body", "assistant_chars", "text_chars", "roles", "empty_assistant_turns"])
 
 
 def validate(df: pd.DataFrame) -> dict[str, tuple[bool, dict]]:
@@ -47,6 +53,10 @@ def validate(df: pd.DataFrame) -> dict[str, tuple[bool, dict]]:
         "non_empty": [gxe.ExpectTableRowCountToBeBetween(min_value=2)],
         "no_nulls": [gxe.ExpectColumnValuesToNotBeNull(column="body")],
         "trainable_records": [gxe.ExpectColumnValuesToBeBetween(column=trainable_col, min_value=1)],
+        # null (text records) is skipped by GX's column-map expectations
+        "roles_valid": [gxe.ExpectColumnValuesToMatchRegex(column="roles", regex=f"^{ROLE}(,{ROLE})*$")],
+        "alternation": [gxe.ExpectColumnValuesToMatchRegex(column="roles", regex=ALTERNATION)],
+        "no_empty_assistant_turns": [gxe.ExpectColumnValuesToBeBetween(column="empty_assistant_turns", max_value=0)],
     }
     results = {}
     for name, exps in expectations.items():
@@ -77,3 +87,18 @@ def eval_gate_check(recipe: str):
         return AssetCheckResult(passed=hi < 0, metadata={"test/nll_delta": report["test/nll_delta"], "ci_low": lo, "ci_high": hi})
 
     return _gate
+
+
+def length_check(recipe: str):
+    """Not blocking: truncation is a choice (max_length), but it should never go unnoticed."""
+    @asset_check(asset=key(recipe, "tokenized"), name="length_distribution",
+                 description="Token-length percentiles per split; warns when any example was truncated to max_length.")
+    def _lengths(store: ArtifactStore) -> AssetCheckResult:
+        ref = store.latest(key(recipe, "tokenized").to_user_string())
+        summary = store.manifest(ref.fingerprint)["summary"]
+        truncated = summary["train_truncated"] + summary["test_truncated"]
+        metadata = {f"{split}_{p}": v for split in ("train", "test") for p, v in summary[f"{split}_length_percentiles"].items()}
+        return AssetCheckResult(passed=truncated == 0, severity=AssetCheckSeverity.WARN,
+                                metadata={**metadata, "truncated": truncated})
+
+    return _lengths

@@ -45,7 +45,9 @@ def answer_matches(completion: str, reference: str) -> bool:
     return reference.strip() in completion
 
 
-def evaluate(start: TrainingClient, trained: TrainingClient, tokenizer, rows: list[dict], test_bytes: np.ndarray, cfg: EvalConfig) -> dict:
+def evaluate(start: TrainingClient, trained: TrainingClient, tokenizer, rows: list[dict], test_bytes: np.ndarray, cfg: EvalConfig,
+             stop: list[str]) -> dict:
+    """`stop`: the renderer's end-of-turn sequences; sampling ends there as a chat would."""
     examples = [(r["tokens"], r["weights"]) for r in rows]
     nll_s, count = nll_per_example(start, examples)
     nll_t, _ = nll_per_example(trained, examples)
@@ -70,7 +72,7 @@ def evaluate(start: TrainingClient, trained: TrainingClient, tokenizer, rows: li
     }
     prompted = [r for r in rows if len(r["prompt_tokens"])]
     if prompted:
-        params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0, seed=cfg.seed)
+        params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0, seed=cfg.seed, stop=stop)
         prompts = [list(r["prompt_tokens"]) for r in prompted]
         for name, client in (("start", start), ("trained", trained)):
             outs = [tokenizer.decode(s[0].tokens, skip_special_tokens=True) for s in client.sample(prompts, 1, params)]

@@ -16,7 +16,7 @@ from pydantic import Field
 from crucible_assets import evaluation, plots
 from crucible_assets.caching import cached_artifact
 from crucible_assets.evaluation import EvalConfig
-from crucible_assets.rendering import RenderError, prompt_and_reference, render
+from crucible_assets.rendering import RenderError, prompt_and_reference, render, stop_sequences
 from crucible_assets.supervised import SupervisedConfig, train_supervised
 from resources.artifact_store import ArtifactRef, ArtifactStore, hash_tree
 from resources.dataset_sources import DatasetConfig, load_records, split_records
@@ -28,13 +28,15 @@ EMBEDDED = "embedded"
 
 
 class BaseModelConfig(Config):
-    base_model: str = Field(default=EMBEDDED, description="'embedded' (base/tiny_llama), a local HF model dir, or an HF hub id")
+    base_model: str = Field(default=EMBEDDED, description="'embedded' (the recipe's default start: base/tiny_llama or the "
+                                                          "registered model of the recipe it builds on), a local HF model dir, or an HF hub id")
     revision: str = Field(default="", description="hub models: revision to pin")
 
 
 class TokenizeConfig(Config):
     max_length: int = Field(default=512, description="tokens per sequence; longer ones are truncated")
     train_on_what: str = Field(default="all_assistant_messages", description="last_assistant_message | all_assistant_messages | all_messages")
+    renderer: str = Field(default="chat_template", description="chat_template (the model's own) | role_colon (models without one)")
 
 
 def key(recipe: str, stage: str) -> AssetKey:
@@ -49,13 +51,18 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def base_model_asset(recipe: str):
+def base_model_asset(recipe: str, start_from: str | None = None):
+    """`start_from` names the recipe whose registered model is the embedded default start;
+    without it the chain starts from base/tiny_llama."""
+    start_key = key(start_from, "registered_model") if start_from else AssetKey(["base", "tiny_llama"])
+
     @asset(key=key(recipe, "base_model"), group_name=recipe, code_version="1", kinds={"huggingface"},
-           ins={"tiny": AssetIn(key=AssetKey(["base", "tiny_llama"]))},
-           description="The starting model, snapshotted into the store so lineage reaches its bytes.")
-    def _base_model(context: AssetExecutionContext, config: BaseModelConfig, store: ArtifactStore, tiny: ArtifactRef) -> Output[ArtifactRef]:
+           ins={"start": AssetIn(key=start_key)},
+           description=f"The starting model (default: {start_key.to_user_string()}), snapshotted into the store so lineage reaches its bytes.")
+    def _base_model(context: AssetExecutionContext, config: BaseModelConfig, store: ArtifactStore, registry: ModelRegistry,
+                    start: ArtifactRef) -> Output[ArtifactRef]:
         if config.base_model == EMBEDDED:
-            source = tiny.dir
+            source = start.dir
         elif Path(config.base_model).is_dir():
             source = Path(config.base_model)
         else:
@@ -64,14 +71,20 @@ def base_model_asset(recipe: str):
             source = Path(snapshot_download(config.base_model, revision=config.revision or None,
                                             allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
         source_hash, _ = hash_tree(source)
+        origin = {"source": config.base_model}
+        if config.base_model == EMBEDDED:
+            origin["source"] = start.key
+            entry = registry.find(start_from, start.fingerprint) if start_from else None
+            if entry:
+                origin["registered_model"] = f"{start_from}:{entry['version']}"
 
         def build(out, _work):
             shutil.rmtree(out)
             shutil.copytree(source, out)
-            return {"source": config.base_model}
+            return origin
 
-        upstream = {"tiny": tiny} if config.base_model == EMBEDDED else {}
-        return cached_artifact(context, store, code_version="1", config=config.model_dump(), upstream=upstream,
+        upstream = {"start": start} if config.base_model == EMBEDDED else {}
+        return cached_artifact(context, store, config=config.model_dump(), upstream=upstream,
                                build=build, extra_inputs={"source_hash": source_hash})
 
     return _base_model
@@ -91,7 +104,7 @@ def dataset_asset(recipe: str, config_cls: type[DatasetConfig]):
             return {"rows": len(records), "train_rows": len(train), "test_rows": len(test)}
 
         records_hash = hashlib.sha256((body["train"] + body["test"]).encode()).hexdigest()
-        return cached_artifact(context, store, code_version="1", config=config.model_dump(), upstream={},
+        return cached_artifact(context, store, config=config.model_dump(), upstream={},
                                build=build, extra_inputs={"records_hash": records_hash})
 
     return _dataset
@@ -113,12 +126,15 @@ def tokenized_asset(recipe: str, config_cls: type[TokenizeConfig]):
                 path = dataset.dir / f"{split}.jsonl"
                 rows, truncated = [], 0
                 for i, record in enumerate(_read_jsonl(path), 1):
-                    tokens, weights = render(tok, record, config.train_on_what)
+                    try:
+                        tokens, weights = render(tok, record, config.train_on_what, config.renderer)
+                    except RenderError as e:
+                        raise RenderError(f"{path}: record {i}: field 'messages': {e}") from None
                     truncated += len(tokens) > config.max_length
                     tokens, weights = tokens[: config.max_length], weights[: config.max_length]
                     if sum(weights[1:]) == 0:
                         raise RenderError(f"{path}: record {i}: no loss-weighted tokens within max_length {config.max_length}")
-                    prompt, reference = prompt_and_reference(tok, record)
+                    prompt, reference = prompt_and_reference(tok, record, config.renderer)
                     target_text = tok.decode([t for t, w in zip(tokens[1:], weights[1:]) if w > 0])
                     rows.append({"tokens": tokens, "weights": weights, "prompt_tokens": prompt,
                                  "reference": reference, "target_bytes": len(target_text.encode())})
@@ -130,9 +146,13 @@ def tokenized_asset(recipe: str, config_cls: type[TokenizeConfig]):
                 summary[f"{split}_tokens"] = sum(len(r["tokens"]) for r in rows)
                 summary[f"{split}_loss_tokens"] = int(sum(sum(r["weights"][1:]) for r in rows))
                 summary[f"{split}_truncated"] = truncated
-            return summary
+                lengths = np.array([len(r["tokens"]) for r in rows])
+                summary[f"{split}_length_percentiles"] = {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99, 100)}
+            render_info = {"renderer": config.renderer, "train_on_what": config.train_on_what, "stop": stop_sequences(tok, config.renderer)}
+            (out / "render.json").write_text(json.dumps(render_info, sort_keys=True))
+            return summary | {"stop": render_info["stop"]}
 
-        return cached_artifact(context, store, code_version="1", config=config.model_dump(),
+        return cached_artifact(context, store, config=config.model_dump(),
                                upstream={"dataset": dataset, "base_model": base_model}, build=build)
 
     return _tokenized
@@ -163,7 +183,7 @@ def sft_checkpoint_asset(recipe: str, config_cls: type[SupervisedConfig]):
             return {"steps": len(rows), "train_mean_nll": rows[-1]["train_mean_nll"], "test/nll": final_eval["test/nll"],
                     "train_tokens": sum(r["num_tokens"] for r in rows), **telemetry, "plots": ["loss_curve.png"]}
 
-        return cached_artifact(context, store, code_version="1", config=config.model_dump(),
+        return cached_artifact(context, store, config=config.model_dump(),
                                upstream={"tokenized": tokenized, "base_model": base_model},
                                build=build, backend=backend.identity())
 
@@ -182,14 +202,15 @@ def eval_report_asset(recipe: str, config_cls: type[EvalConfig]):
             start = backend.create_training_client(base_model.dir, 0, config.seed)
             trained = backend.create_training_client(checkpoint.dir / "model", 0, config.seed)
             target_bytes = np.array([r["target_bytes"] for r in rows], dtype=float)
-            report = evaluation.evaluate(start, trained, trained.tokenizer, rows, target_bytes, config)
+            stop = json.loads((tokenized.dir / "render.json").read_text())["stop"]
+            report = evaluation.evaluate(start, trained, trained.tokenizer, rows, target_bytes, config, stop)
             (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
             (out / "report.md").write_text(evaluation.markdown(report))
             plots.comparison(["start", "trained"], [report["start/test/nll"], report["test/nll"]],
                              [report["start/test/nll_ci"], report["test/nll_ci"]], "test/nll (nats/token)", out / "nll.png")
             return {k: v for k, v in report.items() if k != "samples"} | {"plots": ["nll.png"]}
 
-        return cached_artifact(context, store, code_version="1", config=config.model_dump(),
+        return cached_artifact(context, store, config=config.model_dump(),
                                upstream={"checkpoint": checkpoint, "tokenized": tokenized, "base_model": base_model},
                                build=build, backend=backend.identity())
 
@@ -223,14 +244,18 @@ def registered_model_asset(recipe: str, lineage_edge: str, metric: str = "test/n
             (out / "README.md").write_text(model_card(recipe, lineage_edge, report, upstream_versions))
             return {"test/nll": report["test/nll"], "model": recipe}
 
-        output = cached_artifact(context, store, code_version="1", config={"model": recipe, "metric": metric},
+        output = cached_artifact(context, store, config={"model": recipe, "metric": metric},
                                  upstream={"checkpoint": checkpoint, "eval_report": eval_report}, build=build)
         ref = output.value
         base_key = f"{recipe}/base_model"
+        base_ref = next(u for u in ckpt_manifest["upstream"] if u["key"] == base_key)
+        started_from = store.manifest(base_ref["fingerprint"])["summary"]
         entry = registry.register(recipe, {
             "fingerprint": ref.fingerprint, "content_hash": ref.content_hash, "asset_key": ref.key, "path": ref.path,
             "metrics": {k: v for k, v in report.items() if isinstance(v, (int, float))},
-            "lineage": {lineage_edge: upstream_versions.get(base_key), "datasets": {k: v for k, v in upstream_versions.items() if k != base_key}},
+            "lineage": {lineage_edge: {"data_version": upstream_versions[base_key], "source": started_from["source"],
+                                       "model": started_from.get("registered_model")},
+                        "datasets": {k: v for k, v in upstream_versions.items() if k != base_key}},
             "run_id": context.run_id,
         }, metric=metric)
         return Output(ref, data_version=output.data_version, metadata={**output.metadata, "registry_version": entry["version"]})

@@ -109,7 +109,7 @@ def train_supervised(
         rows = [json.loads(line) for line in (last / "metrics.jsonl").read_text().splitlines()]
         start = int(last.name.split("_")[1])
         log(f"resuming from {last} at step {start}/{steps}")
-    tokens_seen, t0 = 0, time.perf_counter()
+    tokens_seen, slots, unpacked_slots, t0 = 0, 0, 0, time.perf_counter()
     for step in range(start, steps):
         batch = [train[i] for i in batch_indices(step, len(train), cfg.batch_size, cfg.seed)]
         total_weight = sum(sum(w[1:]) for _, w in batch)
@@ -128,6 +128,8 @@ def train_supervised(
         )
         n_tokens = sum(len(t) - 1 for t, _ in batch)
         tokens_seen += n_tokens
+        slots += fb.metrics.get("tokens:slots", n_tokens)
+        unpacked_slots += len(batch) * max(len(t) - 1 for t, _ in batch)
         row = {
             "step": step,
             "train_mean_nll": fb.metrics["loss:sum"],
@@ -157,5 +159,8 @@ def train_supervised(
         "tokens_per_second": tokens_seen / elapsed if elapsed > 0 else 0.0,
         "resumed_from_step": start,
         "steps_run": steps - start,
+        # share of the model's input grid that was padding, as run and with one sequence per row
+        "padding_fraction": 1 - tokens_seen / slots if slots else 0.0,
+        "padding_fraction_unpacked": 1 - tokens_seen / unpacked_slots if unpacked_slots else 0.0,
     }
     return rows, telemetry

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 from dagster import Config
 from pydantic import Field
 
-from crucible_assets.synthetic import arithmetic_conversations
+from crucible_assets.synthetic import GENERATORS
 
 ROLES = {"system", "user", "assistant", "tool"}
 
@@ -23,6 +23,7 @@ class DatasetError(ValueError):
 
 class DatasetConfig(Config):
     source: str = Field(default="synthetic", description="synthetic | jsonl | parquet | hf")
+    generator: str = Field(default="arithmetic", description=f"synthetic: {' | '.join(GENERATORS)}")
     path: str = Field(default="", description="local file (jsonl/parquet) or dataset id / builder name (hf)")
     hf_name: str = Field(default="", description="hf: dataset config name")
     hf_split: str = Field(default="train", description="hf: split to load")
@@ -35,7 +36,11 @@ class DatasetConfig(Config):
 
 def load_records(cfg: DatasetConfig) -> list[dict]:
     if cfg.source == "synthetic":
-        return arithmetic_conversations(cfg.num_examples, cfg.seed)
+        if cfg.generator not in GENERATORS:
+            raise DatasetError(f"dataset config: field 'generator': {cfg.generator!r} is not one of {sorted(GENERATORS)}")
+        if cfg.num_examples < 2:
+            raise DatasetError(f"dataset config: field 'num_examples': {cfg.num_examples} is < 2")
+        return GENERATORS[cfg.generator](cfg.num_examples, cfg.seed)
     if cfg.source in ("jsonl", "parquet", "hf"):
         raw = {"jsonl": _read_jsonl, "parquet": _read_parquet, "hf": _read_hf}[cfg.source](cfg)
         origin = ",".join(cfg.data_files) or cfg.path
@@ -111,11 +116,12 @@ def validate_record(record: Any, origin: str, where: str) -> dict:
             for key in ("role", "content"):
                 if key not in m:
                     raise fail(f"messages[{i}].{key}", "missing")
-                if not isinstance(m[key], str):
-                    raise fail(f"messages[{i}].{key}", f"expected a string, got {type(m[key]).__name__}")
+            content = _text_content(m["content"], lambda problem: fail(f"messages[{i}].content", problem))
+            if not isinstance(m["role"], str):
+                raise fail(f"messages[{i}].role", f"expected a string, got {type(m['role']).__name__}")
             if m["role"] not in ROLES:
                 raise fail(f"messages[{i}].role", f"unknown role {m['role']!r} (expected one of {sorted(ROLES)})")
-            clean.append({"role": m["role"], "content": m["content"]})
+            clean.append({"role": m["role"], "content": content})
         if not any(m["role"] == "assistant" and m["content"].strip() for m in clean):
             raise fail("messages", "no non-empty assistant message to train on")
         return {"messages": clean}
@@ -127,6 +133,20 @@ def validate_record(record: Any, origin: str, where: str) -> dict:
             raise fail("text", "empty")
         return {"text": text}
     raise DatasetError(f"{origin}: {where}: missing field 'messages' or 'text'")
+
+
+def _text_content(content: Any, fail) -> str:
+    """A string, or OpenAI/tinker-style content parts of type text (joined)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise fail(f"part {j}: only text parts ({{'type': 'text', 'text': ...}}) are supported")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise fail(f"expected a string or a list of text parts, got {type(content).__name__}")
 
 
 def split_records(records: list[dict], test_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

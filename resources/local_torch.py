@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from resources.hf_io import load_model, load_tokenizer
 from resources.losses import BUILTIN_LOSSES
+from resources.packing import block_causal_mask, pack
 from resources.training_backend import (
     AdamParams,
     CustomLossFn,
@@ -28,12 +30,28 @@ from resources.training_backend import (
 )
 
 
+@dataclass
+class Batch:
+    """Data laid out in rows; `slots[i]` = (row, offset, length) of datum i."""
+
+    input_ids_R_L: torch.Tensor
+    positions_R_L: torch.Tensor
+    attention_R_1_L_L: torch.Tensor
+    inputs: dict[str, torch.Tensor]
+    slots: list[tuple[int, int, int]]
+
+    def per_datum(self, values_R_L: torch.Tensor) -> list[torch.Tensor]:
+        return [values_R_L[r, o : o + n] for r, o, n in self.slots]
+
+
 class LocalTorchBackend(ConfigurableResource):
     """Trains in this process with PyTorch."""
 
     device: str = Field(default="auto", description="auto | cpu | cuda")
     precision: str = Field(default="auto", description="auto | fp32 | bf16 (autocast, fp32 master weights)")
     micro_batch_size: int = Field(default=0, description="split forward/backward into chunks of this many sequences; 0 = whole batch")
+    packing: bool = Field(default=True, description="pack several sequences per row (block-diagonal attention) instead of padding each")
+    pack_length: int = Field(default=0, description="row length when packing; 0 = the longest sequence of the batch")
     trust_remote_code: bool = False
 
     def resolved_device(self) -> str:
@@ -56,6 +74,8 @@ class LocalTorchBackend(ConfigurableResource):
             "device": self.resolved_device(),
             "precision": self.resolved_precision(),
             "torch": torch.__version__,
+            "packing": self.packing,
+            "pack_length": self.pack_length,
         }
 
     def create_training_client(self, base_model: Path, lora_rank: int = 0, seed: int = 0) -> LocalTrainingClient:
@@ -66,6 +86,8 @@ class LocalTorchBackend(ConfigurableResource):
             device=self.resolved_device(),
             bf16=self.resolved_precision() == "bf16",
             micro_batch_size=self.micro_batch_size,
+            packing=self.packing,
+            pack_length=self.pack_length,
             trust_remote_code=self.trust_remote_code,
         )
 
@@ -79,10 +101,13 @@ class LocalTrainingClient:
         device: str,
         bf16: bool,
         micro_batch_size: int = 0,
+        packing: bool = True,
+        pack_length: int = 0,
         trust_remote_code: bool = False,
     ) -> None:
         self.base_model, self.lora_rank, self.device = Path(base_model), lora_rank, device
         self.bf16, self.micro_batch_size = bf16, micro_batch_size
+        self.packing, self.pack_length = packing, pack_length
         self.trust_remote_code = trust_remote_code
         torch.manual_seed(seed)
         self.tokenizer = load_tokenizer(base_model, trust_remote_code)
@@ -105,29 +130,48 @@ class LocalTrainingClient:
 
     # -- forward ---------------------------------------------------------------------------
 
-    def _collate(self, data: list[Datum]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Right-pad to the longest datum; padding gets mask 0 and contributes nothing."""
-        T = max(len(d.model_input) for d in data)
-        B = len(data)
-        input_ids_B_T = torch.zeros(B, T, dtype=torch.long)
-        mask_B_T = torch.zeros(B, T)
+    def _collate(self, data: list[Datum]) -> Batch:
+        """Lay the data out in rows: packed (several per row, isolated by the mask) or one
+        per row. Padding gets mask 0 and contributes nothing."""
+        lengths = [len(d.model_input) for d in data]
+        capacity = max(max(lengths), self.pack_length)
+        rows = pack(lengths, capacity) if self.packing else [[i] for i in range(len(data))]
+        R, L = len(rows), max(sum(lengths[i] for i in row) for row in rows)
+        input_ids_R_L = torch.zeros(R, L, dtype=torch.long)
+        positions_R_L = torch.zeros(R, L, dtype=torch.long)
+        segments_R_L = torch.full((R, L), -1, dtype=torch.long)
         keys = set().union(*(d.loss_fn_inputs for d in data))
-        inputs = {k: torch.zeros(B, T, dtype=torch.long if k == "target_tokens" else torch.float32) for k in keys}
-        for i, d in enumerate(data):
-            n = len(d.model_input)
-            input_ids_B_T[i, :n] = torch.tensor(d.model_input)
-            mask_B_T[i, :n] = 1.0
-            for k, v in d.loss_fn_inputs.items():
-                inputs[k][i, :n] = torch.tensor(v, dtype=inputs[k].dtype)
-        inputs["mask"] = mask_B_T
+        inputs = {k: torch.zeros(R, L, dtype=torch.long if k == "target_tokens" else torch.float32) for k in keys}
+        slots: list[tuple[int, int, int]] = [(0, 0, 0)] * len(data)
+        for r, row in enumerate(rows):
+            offset = 0
+            for i in row:
+                d, n = data[i], lengths[i]
+                span = slice(offset, offset + n)
+                input_ids_R_L[r, span] = torch.tensor(d.model_input)
+                positions_R_L[r, span] = torch.arange(n)
+                segments_R_L[r, span] = i
+                for k, v in d.loss_fn_inputs.items():
+                    inputs[k][r, span] = torch.tensor(v, dtype=inputs[k].dtype)
+                slots[i] = (r, offset, n)
+                offset += n
+        inputs["mask"] = (segments_R_L >= 0).float()
         dev = self.device
-        return input_ids_B_T.to(dev), mask_B_T.to(dev), {k: v.to(dev) for k, v in inputs.items()}
+        return Batch(
+            input_ids_R_L=input_ids_R_L.to(dev),
+            positions_R_L=positions_R_L.to(dev),
+            attention_R_1_L_L=block_causal_mask(segments_R_L).to(dev),
+            inputs={k: v.to(dev) for k, v in inputs.items()},
+            slots=slots,
+        )
 
-    def _target_logprobs(self, input_ids_B_T: torch.Tensor, mask_B_T: torch.Tensor, targets_B_T: torch.Tensor) -> torch.Tensor:
+    def _target_logprobs(self, batch: Batch) -> torch.Tensor:
         with self._autocast():
-            logits_B_T_V = self.model(input_ids=input_ids_B_T, attention_mask=mask_B_T.long()).logits
-        nll = F.cross_entropy(logits_B_T_V.float().flatten(0, 1), targets_B_T.flatten(), reduction="none")
-        return -nll.view_as(targets_B_T) * mask_B_T
+            logits_R_L_V = self.model(input_ids=batch.input_ids_R_L, position_ids=batch.positions_R_L,
+                                      attention_mask=batch.attention_R_1_L_L).logits
+        targets_R_L = batch.inputs["target_tokens"]
+        nll = F.cross_entropy(logits_R_L_V.float().flatten(0, 1), targets_R_L.flatten(), reduction="none")
+        return -nll.view_as(targets_R_L) * batch.inputs["mask"]
 
     def _chunks(self, data: list[Datum]) -> list[list[Datum]]:
         size = self.micro_batch_size or len(data)
@@ -138,29 +182,26 @@ class LocalTrainingClient:
         self.model.train()
         outputs, totals = [], {}
         for chunk in self._chunks(data):
-            input_ids, mask, inputs = self._collate(chunk)
-            logprobs_B_T = self._target_logprobs(input_ids, mask, inputs["target_tokens"])
-            loss, metrics = loss_of(chunk, logprobs_B_T, inputs)
+            batch = self._collate(chunk)
+            logprobs_R_L = self._target_logprobs(batch)
+            loss, metrics = loss_of(batch, logprobs_R_L)
             loss.backward()
-            for k, v in metrics.items():
+            layout = {"tokens:real": batch.inputs["mask"].sum().item(), "tokens:slots": batch.inputs["mask"].numel()}
+            for k, v in (metrics | layout).items():
                 totals[k] = totals.get(k, 0.0) + v
-            outputs += [{"logprobs": logprobs_B_T[i, : len(d.model_input)].detach().cpu()} for i, d in enumerate(chunk)]
+            outputs += [{"logprobs": lp.detach().cpu()} for lp in batch.per_datum(logprobs_R_L)]
         return ForwardBackwardOutput(loss_fn_outputs=outputs, metrics=totals)
 
     def forward_backward(self, data: list[Datum], loss_fn: str, loss_fn_config: dict | None = None) -> ForwardBackwardOutput:
         if loss_fn not in BUILTIN_LOSSES:
             raise ValueError(f"unknown loss_fn {loss_fn!r}; built-in losses are {sorted(BUILTIN_LOSSES)}")
         fn = BUILTIN_LOSSES[loss_fn]
-        return self._run(data, lambda chunk, lp, inputs: fn(lp, inputs, loss_fn_config or {}))
+        return self._run(data, lambda batch, logprobs_R_L: fn(logprobs_R_L, batch.inputs, loss_fn_config or {}))
 
     def forward_backward_custom(self, data: list[Datum], fn: CustomLossFn) -> ForwardBackwardOutput:
-        def loss_of(chunk, logprobs_B_T, inputs):
-            per_datum = [logprobs_B_T[i, : len(d.model_input)] for i, d in enumerate(chunk)]
-            return fn(chunk, per_datum)
-
         if self.micro_batch_size and self.micro_batch_size < len(data):
             raise ValueError("forward_backward_custom needs the whole batch in one chunk (pairwise losses)")
-        return self._run(data, loss_of)
+        return self._run(data, lambda batch, logprobs_R_L: fn(data, batch.per_datum(logprobs_R_L)))
 
     @torch.no_grad()
     def compute_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
@@ -169,9 +210,8 @@ class LocalTrainingClient:
         result: list[list[float]] = []
         data = [Datum(model_input=s[:-1], loss_fn_inputs={"target_tokens": s[1:]}) for s in sequences]
         for chunk in self._chunks(data):
-            input_ids, mask, inputs = self._collate(chunk)
-            lp = self._target_logprobs(input_ids, mask, inputs["target_tokens"]).cpu()
-            result += [lp[i, : len(d.model_input)].tolist() for i, d in enumerate(chunk)]
+            batch = self._collate(chunk)
+            result += [lp.tolist() for lp in batch.per_datum(self._target_logprobs(batch).cpu())]
         return result
 
     # -- optimizer -------------------------------------------------------------------------
@@ -213,6 +253,11 @@ class LocalTrainingClient:
             input_ids[i, T - len(p) :] = torch.tensor(p)
             attention[i, T - len(p) :] = 1
         greedy = sampling_params.temperature <= 0
+        # a stop string that is one special token (an end-of-turn marker) stops by id, cheaply
+        vocab = tok.get_vocab()
+        stop_ids = [vocab[s] for s in sampling_params.stop if s in vocab and s in tok.all_special_tokens + list(tok.get_added_vocab())]
+        stop_strings = [s for s in sampling_params.stop if s not in vocab or vocab[s] not in stop_ids]
+        eos_ids = [tok.eos_token_id, *stop_ids]
         torch.manual_seed(sampling_params.seed)
         with self._autocast():
             out = self.model.generate(
@@ -224,9 +269,9 @@ class LocalTrainingClient:
                 top_p=None if greedy else sampling_params.top_p,
                 top_k=None,
                 num_return_sequences=num_samples,
-                stop_strings=sampling_params.stop or None,
-                tokenizer=tok if sampling_params.stop else None,
-                eos_token_id=tok.eos_token_id,
+                stop_strings=stop_strings or None,
+                tokenizer=tok if stop_strings else None,
+                eos_token_id=eos_ids,
                 pad_token_id=pad_id,
                 output_logits=True,
                 return_dict_in_generate=True,
@@ -240,7 +285,7 @@ class LocalTrainingClient:
             seq, lps = new_tokens[n].tolist(), logprobs_N_S[n].tolist()
             end, reason = len(seq), "length"
             for j, t in enumerate(seq):
-                if t == tok.eos_token_id or _ends_with_stop(tok, seq[: j + 1], sampling_params.stop):
+                if t in eos_ids or _ends_with_stop(tok, seq[: j + 1], stop_strings):
                     end, reason = j + 1, "stop"
                     break
             if n % num_samples == 0:
