@@ -15,9 +15,9 @@ from resources.artifact_store import ArtifactStore
 logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 DATASET_CHECKS = ("schema", "non_empty", "no_nulls", "trainable_records", "roles_valid", "alternation", "no_empty_assistant_turns")
-ROLE = "(system|user|assistant|tool)"
+ROLE = "(?:system|user|assistant|tool)"
 # system prompts first, then user turns each answered by the assistant (tool results in between)
-ALTERNATION = r"^(system,)*user,assistant(,tool,assistant)*(,user,assistant(,tool,assistant)*)*$"
+ALTERNATION = r"^(?:system,)*user,assistant(?:,tool,assistant)*(?:,user,assistant(?:,tool,assistant)*)*$"
 
 
 def record_frame(store: ArtifactStore, recipe: str) -> pd.DataFrame:
@@ -54,7 +54,7 @@ def validate(df: pd.DataFrame) -> dict[str, tuple[bool, dict]]:
         "no_nulls": [gxe.ExpectColumnValuesToNotBeNull(column="body")],
         "trainable_records": [gxe.ExpectColumnValuesToBeBetween(column=trainable_col, min_value=1)],
         # null (text records) is skipped by GX's column-map expectations
-        "roles_valid": [gxe.ExpectColumnValuesToMatchRegex(column="roles", regex=f"^{ROLE}(,{ROLE})*$")],
+        "roles_valid": [gxe.ExpectColumnValuesToMatchRegex(column="roles", regex=f"^{ROLE}(?:,{ROLE})*$")],
         "alternation": [gxe.ExpectColumnValuesToMatchRegex(column="roles", regex=ALTERNATION)],
         "no_empty_assistant_turns": [gxe.ExpectColumnValuesToBeBetween(column="empty_assistant_turns", max_value=0)],
     }

@@ -57,7 +57,8 @@ def evaluate(start: TrainingClient, trained: TrainingClient, tokenizer, rows: li
         return lambda idx: nll[idx].sum() / count[idx].sum()
 
     diff = lambda idx: mean(nll_t)(idx) - mean(nll_s)(idx)  # noqa: E731
-    ci = lambda f: bootstrap_ci(f, n, cfg.bootstrap_samples, cfg.seed)  # noqa: E731
+    ci_of = lambda f, size: bootstrap_ci(f, size, cfg.bootstrap_samples, cfg.seed)  # noqa: E731
+    ci = lambda f: ci_of(f, n)  # noqa: E731
     report = {
         "num_examples": n,
         "num_target_tokens": int(count.sum()),
@@ -74,17 +75,17 @@ def evaluate(start: TrainingClient, trained: TrainingClient, tokenizer, rows: li
     if prompted:
         params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0, seed=cfg.seed, stop=stop)
         prompts = [list(r["prompt_tokens"]) for r in prompted]
-        for name, client in (("start", start), ("trained", trained)):
+        correct = {}
+        for name, client in (("start/", start), ("", trained)):
             outs = [tokenizer.decode(s[0].tokens, skip_special_tokens=True) for s in client.sample(prompts, 1, params)]
-            correct = np.array([answer_matches(o, r["reference"]) for o, r in zip(outs, prompted)], dtype=float)
-            prefix = "" if name == "trained" else "start/"
-            report[f"{prefix}test/accuracy"] = float(correct.mean())
-            report[f"{prefix}test/accuracy_ci"] = bootstrap_ci(lambda idx: correct[idx].mean(), len(correct), cfg.bootstrap_samples, cfg.seed)
-            if name == "trained":
-                report["samples"] = [
-                    {"prompt": tokenizer.decode(p), "reference": r["reference"], "completion": o}
-                    for p, r, o in list(zip(prompts, prompted, outs))[: cfg.num_shown]
-                ]
+            correct[name] = np.array([answer_matches(o, r["reference"]) for o, r in zip(outs, prompted)], dtype=float)
+            report[f"{name}test/accuracy"] = float(correct[name].mean())
+            report[f"{name}test/accuracy_ci"] = ci_of(lambda idx, c=correct[name]: c[idx].mean(), len(prompted))
+        gain = correct[""] - correct["start/"]
+        report["test/accuracy_delta"] = float(gain.mean())
+        report["test/accuracy_delta_ci"] = ci_of(lambda idx: gain[idx].mean(), len(prompted))
+        report["samples"] = [{"prompt": tokenizer.decode(p), "reference": r["reference"], "completion": o}
+                             for p, r, o in list(zip(prompts, prompted, outs))[: cfg.num_shown]]
     return report
 
 
@@ -95,8 +96,12 @@ def markdown(report: dict) -> str:
             ci = report.get(f"{key}_ci")
             ci_text = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
             lines.append(f"| {key} | {report[key]:.4f} | {report['start/' + key]:.4f} | {ci_text} |")
-    lo, hi = report["test/nll_delta_ci"]
-    lines += ["", f"test/nll delta (trained - start): {report['test/nll_delta']:.4f}, 95% CI [{lo:.4f}, {hi:.4f}]", ""]
+    lines.append("")
+    for key in ("test/nll_delta", "test/accuracy_delta"):
+        if key in report:
+            lo, hi = report[f"{key}_ci"]
+            lines.append(f"{key} (trained - start): {report[key]:.4f}, 95% CI [{lo:.4f}, {hi:.4f}]  ")
+    lines.append("")
     for s in report.get("samples", []):
         lines.append(f"- prompt `{s['prompt']!r}` reference `{s['reference']}` completion `{s['completion']}`")
     return "\n".join(lines) + "\n"

@@ -56,7 +56,7 @@ def base_model_asset(recipe: str, start_from: str | None = None):
     without it the chain starts from base/tiny_llama."""
     start_key = key(start_from, "registered_model") if start_from else AssetKey(["base", "tiny_llama"])
 
-    @asset(key=key(recipe, "base_model"), group_name=recipe, code_version="1", kinds={"huggingface"},
+    @asset(key=key(recipe, "base_model"), group_name=recipe, code_version="2", kinds={"huggingface"},
            ins={"start": AssetIn(key=start_key)},
            description=f"The starting model (default: {start_key.to_user_string()}), snapshotted into the store so lineage reaches its bytes.")
     def _base_model(context: AssetExecutionContext, config: BaseModelConfig, store: ArtifactStore, registry: ModelRegistry,
@@ -111,7 +111,7 @@ def dataset_asset(recipe: str, config_cls: type[DatasetConfig]):
 
 
 def tokenized_asset(recipe: str, config_cls: type[TokenizeConfig]):
-    @asset(key=key(recipe, "tokenized"), group_name=recipe, code_version="1", kinds={"parquet"},
+    @asset(key=key(recipe, "tokenized"), group_name=recipe, code_version="2", kinds={"parquet"},
            ins={"dataset": AssetIn(key=key(recipe, "dataset")), "base_model": AssetIn(key=key(recipe, "base_model"))},
            description="Parquet shards of token ids and loss weights, rendered with the model's chat template.")
     def _tokenized(context: AssetExecutionContext, config: config_cls, store: ArtifactStore,
@@ -126,14 +126,15 @@ def tokenized_asset(recipe: str, config_cls: type[TokenizeConfig]):
                 path = dataset.dir / f"{split}.jsonl"
                 rows, truncated = [], 0
                 for i, record in enumerate(_read_jsonl(path), 1):
+                    where = lambda: f"{path}: record {i} ({json.dumps(record)[:300]}): field 'messages'"  # noqa: E731
                     try:
                         tokens, weights = render(tok, record, config.train_on_what, config.renderer)
                     except RenderError as e:
-                        raise RenderError(f"{path}: record {i}: field 'messages': {e}") from None
+                        raise RenderError(f"{where()}: {e}") from None
                     truncated += len(tokens) > config.max_length
                     tokens, weights = tokens[: config.max_length], weights[: config.max_length]
                     if sum(weights[1:]) == 0:
-                        raise RenderError(f"{path}: record {i}: no loss-weighted tokens within max_length {config.max_length}")
+                        raise RenderError(f"{where()}: loss weights sum to zero within max_length {config.max_length}")
                     prompt, reference = prompt_and_reference(tok, record, config.renderer)
                     target_text = tok.decode([t for t, w in zip(tokens[1:], weights[1:]) if w > 0])
                     rows.append({"tokens": tokens, "weights": weights, "prompt_tokens": prompt,
@@ -163,7 +164,7 @@ def read_examples(tokenized: ArtifactRef, split: str) -> list[dict]:
 
 
 def sft_checkpoint_asset(recipe: str, config_cls: type[SupervisedConfig]):
-    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="1", kinds={"pytorch", "huggingface"},
+    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="2", kinds={"pytorch", "huggingface"},
            ins={"tokenized": AssetIn(key=key(recipe, "tokenized")), "base_model": AssetIn(key=key(recipe, "base_model"))},
            description="Supervised fine-tune (cross-entropy on weighted target tokens): HF model dir, "
                        "resumable optimizer state, per-step metrics.jsonl and a loss curve.")
@@ -191,7 +192,7 @@ def sft_checkpoint_asset(recipe: str, config_cls: type[SupervisedConfig]):
 
 
 def eval_report_asset(recipe: str, config_cls: type[EvalConfig]):
-    @asset(key=key(recipe, "eval_report"), group_name=recipe, code_version="1", kinds={"json"},
+    @asset(key=key(recipe, "eval_report"), group_name=recipe, code_version="2", kinds={"json"},
            ins={"checkpoint": AssetIn(key=key(recipe, "checkpoint")), "tokenized": AssetIn(key=key(recipe, "tokenized")),
                 "base_model": AssetIn(key=key(recipe, "base_model"))},
            description="Held-out NLL, bits per byte and answer accuracy vs. the starting model, with bootstrap CIs.")
@@ -217,19 +218,18 @@ def eval_report_asset(recipe: str, config_cls: type[EvalConfig]):
     return _eval_report
 
 
-def model_card(recipe: str, lineage_edge: str, report: dict, upstream: dict[str, str]) -> str:
-    lo, hi = report["test/nll_delta_ci"]
-    lines = [f"# {recipe}", "", f"Trained by Crucible's `{recipe}` recipe.", "", "## Lineage", ""]
+def model_card(recipe: str, lineage_edge: str, started_from: dict, report: dict, upstream: dict[str, str]) -> str:
+    start = started_from.get("registered_model") or started_from["source"]
+    lines = [f"# {recipe}", "", f"Trained by Crucible's `{recipe}` recipe.", "", "## Lineage", "",
+             f"`{lineage_edge}`: `{start}`", ""]
     lines += [f"- `{k}`: data version `{v}`" for k, v in upstream.items()]
-    lines += ["", f"Edge: `{lineage_edge}` the base model above.", "", "## Metrics (held-out)", "",
-              evaluation.markdown(report), f"Improvement in test/nll over the start: {-report['test/nll_delta']:.4f} "
-              f"(95% CI of the delta [{lo:.4f}, {hi:.4f}]).", "", "## Intended use", "",
+    lines += ["", "## Metrics (held-out, vs. the starting model)", "", evaluation.markdown(report), "## Intended use", "",
               "Research experiments; a tiny model trained on the recipe's data, not for production use.", ""]
     return "\n".join(lines)
 
 
 def registered_model_asset(recipe: str, lineage_edge: str, metric: str = "test/nll"):
-    @asset(key=key(recipe, "registered_model"), group_name=recipe, code_version="1", kinds={"huggingface"},
+    @asset(key=key(recipe, "registered_model"), group_name=recipe, code_version="2", kinds={"huggingface"},
            ins={"checkpoint": AssetIn(key=key(recipe, "checkpoint")), "eval_report": AssetIn(key=key(recipe, "eval_report"))},
            description="A registry version of the checkpoint: HF-format export with a model card; "
                        "gated by the eval report's blocking check.")
@@ -238,18 +238,18 @@ def registered_model_asset(recipe: str, lineage_edge: str, metric: str = "test/n
         report = json.loads((eval_report.dir / "report.json").read_text())
         ckpt_manifest = store.manifest(checkpoint.fingerprint)
         upstream_versions = {u["key"]: u["content_hash"] for u in ckpt_manifest["upstream"]}
+        base_key = f"{recipe}/base_model"
+        base_ref = next(u for u in ckpt_manifest["upstream"] if u["key"] == base_key)
+        started_from = store.manifest(base_ref["fingerprint"])["summary"]
 
         def build(out, _work):
             shutil.copytree(checkpoint.dir / "model", out, dirs_exist_ok=True)
-            (out / "README.md").write_text(model_card(recipe, lineage_edge, report, upstream_versions))
+            (out / "README.md").write_text(model_card(recipe, lineage_edge, started_from, report, upstream_versions))
             return {"test/nll": report["test/nll"], "model": recipe}
 
         output = cached_artifact(context, store, config={"model": recipe, "metric": metric},
                                  upstream={"checkpoint": checkpoint, "eval_report": eval_report}, build=build)
         ref = output.value
-        base_key = f"{recipe}/base_model"
-        base_ref = next(u for u in ckpt_manifest["upstream"] if u["key"] == base_key)
-        started_from = store.manifest(base_ref["fingerprint"])["summary"]
         entry = registry.register(recipe, {
             "fingerprint": ref.fingerprint, "content_hash": ref.content_hash, "asset_key": ref.key, "path": ref.path,
             "metrics": {k: v for k, v in report.items() if isinstance(v, (int, float))},

@@ -7,15 +7,6 @@ import random
 
 SYSTEM_PROMPT = "You are a careful calculator. Answer briefly."
 
-# Follow-ups about the first turn: answering needs the conversation's context (recall), not
-# new arithmetic, so a tiny model can learn them and multi-turn masking is exercised.
-FOLLOW_UPS = (
-    ("What was the first number?", "The first number was {a}."),
-    ("What was the second number?", "The second number was {b}."),
-    ("What was the answer again?", "The answer was {c}."),
-)
-
-
 def arithmetic_problem(rng: random.Random) -> tuple[str, int]:
     a, b = rng.randint(0, 99), rng.randint(0, 99)
     if rng.random() < 0.5:
@@ -42,18 +33,21 @@ def arithmetic_conversations(n: int, seed: int) -> list[dict]:
 
 
 def arithmetic_chats(n: int, seed: int) -> list[dict]:
-    """Multi-turn chats: an arithmetic question, then one or two follow-ups that ask about
-    it; half open with a system prompt. The last answer is a number, so accuracy is graded."""
+    """Multi-turn chats: a one-digit sum, then one or two "Now add d." follow-ups that build
+    on the previous answer; half open with a system prompt. Each answer needs the context
+    of the turns before it, and every answer is a number, so accuracy is graded."""
     rng = random.Random(seed)
     records = []
     for _ in range(n):
-        expr, answer = arithmetic_problem(rng)
-        a, _, b = expr.split()
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
         messages = [{"role": "system", "content": SYSTEM_PROMPT}] if rng.random() < 0.5 else []
-        messages += [{"role": "user", "content": f"What is {expr}?"}, {"role": "assistant", "content": f"{expr} = {answer}"}]
-        for question, reply in rng.sample(FOLLOW_UPS, rng.randint(1, 2)):
-            messages += [{"role": "user", "content": question},
-                         {"role": "assistant", "content": reply.format(a=a, b=b, c=answer)}]
+        messages += [{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": f"{a} + {b} = {a + b}"}]
+        total = a + b
+        for _ in range(rng.randint(1, 2)):
+            d = rng.randint(0, 9)
+            messages += [{"role": "user", "content": f"Now add {d}."},
+                         {"role": "assistant", "content": f"{total} + {d} = {total + d}"}]
+            total += d
         records.append({"messages": messages})
     return records
 

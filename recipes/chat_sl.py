@@ -28,12 +28,12 @@ class ChatSlDataset(DatasetConfig):
 
 
 class ChatSlTokenize(TokenizeConfig):
-    max_length: int = 256
+    max_length: int = 128
     train_on_what: str = "all_assistant_messages"
 
 
 class ChatSlTrain(SupervisedConfig):
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     batch_size: int = 32
     max_steps: int = 200
     eval_every: int = 50

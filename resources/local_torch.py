@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from resources.hf_io import load_model, load_tokenizer
 from resources.losses import BUILTIN_LOSSES
-from resources.packing import block_causal_mask, pack
+from resources.packing import auto_capacity, block_causal_mask, pack
 from resources.training_backend import (
     AdamParams,
     CustomLossFn,
@@ -51,7 +51,7 @@ class LocalTorchBackend(ConfigurableResource):
     precision: str = Field(default="auto", description="auto | fp32 | bf16 (autocast, fp32 master weights)")
     micro_batch_size: int = Field(default=0, description="split forward/backward into chunks of this many sequences; 0 = whole batch")
     packing: bool = Field(default=True, description="pack several sequences per row (block-diagonal attention) instead of padding each")
-    pack_length: int = Field(default=0, description="row length when packing; 0 = the longest sequence of the batch")
+    pack_length: int = Field(default=0, description="row length when packing; 0 = chosen per batch by a compute estimate (1-4x the longest sequence)")
     trust_remote_code: bool = False
 
     def resolved_device(self) -> str:
@@ -134,8 +134,13 @@ class LocalTrainingClient:
         """Lay the data out in rows: packed (several per row, isolated by the mask) or one
         per row. Padding gets mask 0 and contributes nothing."""
         lengths = [len(d.model_input) for d in data]
-        capacity = max(max(lengths), self.pack_length)
-        rows = pack(lengths, capacity) if self.packing else [[i] for i in range(len(data))]
+        rows = [[i] for i in range(len(data))]
+        if self.packing:
+            # rough, measured on CPU (bench/): masked attention over a packed row costs about
+            # as much as the linear layers once the row is ~8 x hidden_size long
+            scale = 8 * self.model.config.hidden_size
+            capacity = max(max(lengths), self.pack_length) if self.pack_length else auto_capacity(lengths, scale)
+            rows = pack(lengths, capacity)
         R, L = len(rows), max(sum(lengths[i] for i in row) for row in rows)
         input_ids_R_L = torch.zeros(R, L, dtype=torch.long)
         positions_R_L = torch.zeros(R, L, dtype=torch.long)

@@ -23,6 +23,18 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def auto_capacity(lengths: list[int], attention_scale: float) -> int:
+    """Row length with the least estimated compute: rows x length x (1 + length / scale).
+    Padding costs linear layers; longer rows cost masked attention, which grows with row
+    length. Candidates are 1-4x the longest sequence (so uniform lengths stay unpacked)."""
+    longest = max(lengths)
+
+    def cost(capacity: int) -> float:
+        return len(pack(lengths, capacity)) * capacity * (1 + capacity / attention_scale)
+
+    return min((longest * k for k in (1, 2, 3, 4)), key=cost)
+
+
 def padding_fraction(lengths: list[int], rows: list[list[int]]) -> float:
     """Share of the padded (rows x longest row) grid that is padding."""
     width = max(sum(lengths[i] for i in row) for row in rows)

@@ -13,6 +13,9 @@ TINY_RUN_CONFIG = {
         "sl_basic__dataset": {"config": {"num_examples": 600}},
         "sl_basic__checkpoint": {"config": {"max_steps": 40, "eval_every": 20, "save_every": 10}},
         "sl_basic__eval_report": {"config": {"max_tokens": 12, "bootstrap_samples": 300}},
+        "chat_sl__dataset": {"config": {"num_examples": 400}},
+        "chat_sl__checkpoint": {"config": {"max_steps": 30, "eval_every": 15, "save_every": 15, "learning_rate": 3e-3}},
+        "chat_sl__eval_report": {"config": {"max_tokens": 12, "bootstrap_samples": 300}},
     }
 }
 
@@ -43,6 +46,9 @@ def run_job(name: str, run_config: dict, raise_on_error: bool = True):
     from crucible_jobs import defs
 
     job = defs.resolve_job_def(name)
+    # one shared config for every recipe: keep the ops this job has
+    ops = {n.name for n in job.graph.nodes}
+    run_config = {**run_config, "ops": {k: v for k, v in run_config.get("ops", {}).items() if k in ops}}
     with DagsterInstance.get() as instance:
         return job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=raise_on_error)
 

@@ -161,12 +161,14 @@ def _grads(client):
 def test_packed_loss_and_gradients_equal_unpacked(tiny_model):
     gen = torch.Generator().manual_seed(0)
     lengths = [7, 19, 4, 12, 9, 3]
-    data = []
+    examples = []
     for n in lengths:
         tokens = torch.randint(5, 200, (n,), generator=gen).tolist()
         weights = torch.rand(n, generator=gen).round().tolist()
         weights[-1] = 1.0
-        data.append(Datum.from_sequence(tokens, weights))
+        examples.append((tokens, weights))
+    total = sum(sum(w[1:]) for _, w in examples)  # as the SL loop does: loss = mean NLL per target token
+    data = [Datum.from_sequence(t, [x / total for x in w]) for t, w in examples]
     results = {}
     for packing in (False, True):
         client = LocalTorchBackend(device="cpu", precision="fp32", packing=packing, pack_length=24).create_training_client(tiny_model, 0, 0)
