@@ -15,28 +15,39 @@ from resources.artifact_store import ArtifactStore
 logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 DATASET_CHECKS = ("schema", "non_empty", "no_nulls", "trainable_records", "roles_valid", "alternation", "no_empty_assistant_turns")
+PAIR_CHECKS = ("shared_prompt", "chosen_differs_from_rejected", "non_empty_completions")
+COLUMNS = ["split", "body", "assistant_chars", "text_chars", "roles", "empty_assistant_turns"]
 ROLE = "(?:system|user|assistant|tool)"
 # system prompts first, then user turns each answered by the assistant (tool results in between)
 ALTERNATION = r"^(?:system,)*user,assistant(?:,tool,assistant)*(?:,user,assistant(?:,tool,assistant)*)*$"
 
 
+def _row(split: str, r: dict) -> dict:
+    """Columns for a conversation or document; for a pair, the chosen conversation plus
+    how it relates to the rejected one."""
+    messages = r.get("messages") or r.get("chosen") or []
+    assistant = [m["content"].strip() for m in messages if m["role"] == "assistant"]
+    row = {
+        "split": split,
+        "body": json.dumps(r, sort_keys=True) if messages else r.get("text"),
+        "assistant_chars": sum(map(len, assistant)) if messages else None,
+        "text_chars": len(r["text"].strip()) if "text" in r else None,
+        "roles": ",".join(m["role"] for m in messages) if messages else None,
+        "empty_assistant_turns": sum(not a for a in assistant) if messages else None,
+    }
+    if "rejected" in r:
+        chosen, rejected = r["chosen"], r["rejected"]
+        row["shared_prompt"] = chosen[:-1] == rejected[:-1]
+        row["completions_differ"] = chosen[-1]["content"].strip() != rejected[-1]["content"].strip()
+        row["completion_chars"] = min(len(chosen[-1]["content"].strip()), len(rejected[-1]["content"].strip()))
+    return row
+
+
 def record_frame(store: ArtifactStore, recipe: str) -> pd.DataFrame:
     ref = store.latest(key(recipe, "dataset").to_user_string())
-    rows = []
-    for split in ("train", "test"):
-        for line in (ref.dir / f"{split}.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            messages = r.get("messages") or []
-            assistant = [m["content"].strip() for m in messages if m["role"] == "assistant"]
-            rows.append({
-                "split": split,
-                "body": json.dumps(messages) if messages else r.get("text"),
-                "assistant_chars": sum(map(len, assistant)) if messages else None,
-                "text_chars": len(r["text"].strip()) if "text" in r else None,
-                "roles": ",".join(m["role"] for m in messages) if messages else None,
-                "empty_assistant_turns": sum(not a for a in assistant) if messages else None,
-            })
-    return pd.DataFrame(rows, columns=["split", "body", "assistant_chars", "text_chars", "roles", "empty_assistant_turns"])
+    rows = [_row(split, json.loads(line)) for split in ("train", "test")
+            for line in (ref.dir / f"{split}.jsonl").read_text().splitlines()]
+    return pd.DataFrame(rows, columns=list(dict.fromkeys(COLUMNS + [k for r in rows[:1] for k in r])))
 
 
 def validate(df: pd.DataFrame) -> dict[str, tuple[bool, dict]]:
@@ -58,6 +69,12 @@ def validate(df: pd.DataFrame) -> dict[str, tuple[bool, dict]]:
         "alternation": [gxe.ExpectColumnValuesToMatchRegex(column="roles", regex=ALTERNATION)],
         "no_empty_assistant_turns": [gxe.ExpectColumnValuesToBeBetween(column="empty_assistant_turns", max_value=0)],
     }
+    if "shared_prompt" in df:
+        expectations |= {
+            "shared_prompt": [gxe.ExpectColumnValuesToBeInSet(column="shared_prompt", value_set=[True])],
+            "chosen_differs_from_rejected": [gxe.ExpectColumnValuesToBeInSet(column="completions_differ", value_set=[True])],
+            "non_empty_completions": [gxe.ExpectColumnValuesToBeBetween(column="completion_chars", min_value=1)],
+        }
     results = {}
     for name, exps in expectations.items():
         outcomes = [batch.validate(e) for e in exps]
@@ -66,8 +83,10 @@ def validate(df: pd.DataFrame) -> dict[str, tuple[bool, dict]]:
     return results
 
 
-def dataset_checks(recipe: str):
-    @multi_asset_check(specs=[AssetCheckSpec(name, asset=key(recipe, "dataset"), blocking=True) for name in DATASET_CHECKS],
+def dataset_checks(recipe: str, pairs: bool = False):
+    names = DATASET_CHECKS + (PAIR_CHECKS if pairs else ())
+
+    @multi_asset_check(specs=[AssetCheckSpec(name, asset=key(recipe, "dataset"), blocking=True) for name in names],
                        name=f"{recipe}__dataset_checks")
     def _checks(store: ArtifactStore):
         for name, (ok, details) in validate(record_frame(store, recipe)).items():
@@ -77,14 +96,19 @@ def dataset_checks(recipe: str):
     return _checks
 
 
-def eval_gate_check(recipe: str):
+def eval_gate_check(recipe: str, delta: str = "test/nll_delta", higher_is_better: bool = False):
+    """Blocks registration unless the 95% CI of `delta` (trained - start) excludes zero on
+    the good side."""
+    direction = "above" if higher_is_better else "below"
+
     @asset_check(asset=key(recipe, "eval_report"), name="beats_starting_model", blocking=True,
-                 description="test/nll is lower than the starting model's and the 95% CI of the difference excludes zero.")
+                 description=f"The 95% CI of {delta} (trained - start) lies entirely {direction} zero.")
     def _gate(store: ArtifactStore) -> AssetCheckResult:
         ref = store.latest(key(recipe, "eval_report").to_user_string())
         report = json.loads((ref.dir / "report.json").read_text())
-        lo, hi = report["test/nll_delta_ci"]
-        return AssetCheckResult(passed=hi < 0, metadata={"test/nll_delta": report["test/nll_delta"], "ci_low": lo, "ci_high": hi})
+        lo, hi = report[f"{delta}_ci"]
+        return AssetCheckResult(passed=lo > 0 if higher_is_better else hi < 0,
+                                metadata={delta: report[delta], "ci_low": lo, "ci_high": hi})
 
     return _gate
 

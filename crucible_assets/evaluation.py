@@ -57,8 +57,7 @@ def evaluate(start: TrainingClient, trained: TrainingClient, tokenizer, rows: li
         return lambda idx: nll[idx].sum() / count[idx].sum()
 
     diff = lambda idx: mean(nll_t)(idx) - mean(nll_s)(idx)  # noqa: E731
-    ci_of = lambda f, size: bootstrap_ci(f, size, cfg.bootstrap_samples, cfg.seed)  # noqa: E731
-    ci = lambda f: ci_of(f, n)  # noqa: E731
+    ci = lambda f: bootstrap_ci(f, n, cfg.bootstrap_samples, cfg.seed)  # noqa: E731
     report = {
         "num_examples": n,
         "num_target_tokens": int(count.sum()),
@@ -71,36 +70,45 @@ def evaluate(start: TrainingClient, trained: TrainingClient, tokenizer, rows: li
         "test/bits_per_byte": float(nll_t.sum() / math.log(2) / test_bytes.sum()),
         "start/test/bits_per_byte": float(nll_s.sum() / math.log(2) / test_bytes.sum()),
     }
+    return report | sampled_accuracy(start, trained, tokenizer, rows, cfg, stop)
+
+
+def sampled_accuracy(start: TrainingClient, trained: TrainingClient, tokenizer, rows: list[dict], cfg: EvalConfig,
+                     stop: list[str]) -> dict:
+    """Greedy answers to the held-out prompts, graded against the reference, for both
+    models; the paired CI of the gain says whether training helped."""
     prompted = [r for r in rows if len(r["prompt_tokens"])]
-    if prompted:
-        params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0, seed=cfg.seed, stop=stop)
-        prompts = [list(r["prompt_tokens"]) for r in prompted]
-        correct = {}
-        for name, client in (("start/", start), ("", trained)):
-            outs = [tokenizer.decode(s[0].tokens, skip_special_tokens=True) for s in client.sample(prompts, 1, params)]
-            correct[name] = np.array([answer_matches(o, r["reference"]) for o, r in zip(outs, prompted)], dtype=float)
-            report[f"{name}test/accuracy"] = float(correct[name].mean())
-            report[f"{name}test/accuracy_ci"] = ci_of(lambda idx, c=correct[name]: c[idx].mean(), len(prompted))
-        gain = correct[""] - correct["start/"]
-        report["test/accuracy_delta"] = float(gain.mean())
-        report["test/accuracy_delta_ci"] = ci_of(lambda idx: gain[idx].mean(), len(prompted))
-        report["samples"] = [{"prompt": tokenizer.decode(p), "reference": r["reference"], "completion": o}
-                             for p, r, o in list(zip(prompts, prompted, outs))[: cfg.num_shown]]
+    if not prompted:
+        return {}
+    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0, seed=cfg.seed, stop=stop)
+    prompts = [list(r["prompt_tokens"]) for r in prompted]
+    ci = lambda f: bootstrap_ci(f, len(prompted), cfg.bootstrap_samples, cfg.seed)  # noqa: E731
+    report, correct = {}, {}
+    for name, client in (("start/", start), ("", trained)):
+        outs = [tokenizer.decode(s[0].tokens, skip_special_tokens=True) for s in client.sample(prompts, 1, params)]
+        correct[name] = np.array([answer_matches(o, r["reference"]) for o, r in zip(outs, prompted)], dtype=float)
+        report[f"{name}test/accuracy"] = float(correct[name].mean())
+        report[f"{name}test/accuracy_ci"] = ci(lambda idx, c=correct[name]: c[idx].mean())
+    gain = correct[""] - correct["start/"]
+    report["test/accuracy_delta"] = float(gain.mean())
+    report["test/accuracy_delta_ci"] = ci(lambda idx: gain[idx].mean())
+    report["samples"] = [{"prompt": tokenizer.decode(p), "reference": r["reference"], "completion": o}
+                         for p, r, o in list(zip(prompts, prompted, outs))[: cfg.num_shown]]
     return report
 
 
 def markdown(report: dict) -> str:
+    """A table of every metric reported for both the trained and the starting model, then
+    each paired delta with its CI, then sample completions."""
     lines = ["| metric | trained | start | 95% CI (trained) |", "|---|---|---|---|"]
-    for key in ("test/nll", "test/bits_per_byte", "test/accuracy"):
-        if key in report:
-            ci = report.get(f"{key}_ci")
-            ci_text = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
-            lines.append(f"| {key} | {report[key]:.4f} | {report['start/' + key]:.4f} | {ci_text} |")
+    for key in sorted(k for k in report if f"start/{k}" in report and not k.endswith("_ci")):
+        ci = report.get(f"{key}_ci")
+        ci_text = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+        lines.append(f"| {key} | {report[key]:.4f} | {report['start/' + key]:.4f} | {ci_text} |")
     lines.append("")
-    for key in ("test/nll_delta", "test/accuracy_delta"):
-        if key in report:
-            lo, hi = report[f"{key}_ci"]
-            lines.append(f"{key} (trained - start): {report[key]:.4f}, 95% CI [{lo:.4f}, {hi:.4f}]  ")
+    for key in sorted(k for k in report if k.endswith("_delta")):
+        lo, hi = report[f"{key}_ci"]
+        lines.append(f"{key} (trained - start): {report[key]:.4f}, 95% CI [{lo:.4f}, {hi:.4f}]  ")
     lines.append("")
     for s in report.get("samples", []):
         lines.append(f"- prompt `{s['prompt']!r}` reference `{s['reference']}` completion `{s['completion']}`")

@@ -8,13 +8,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def loss_curve(rows: list[dict], path: Path) -> None:
+def loss_curve(rows: list[dict], path: Path, train_key: str, eval_key: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["train_mean_nll"] for r in rows], label="train_mean_nll")
-    evals = [r for r in rows if "test/nll" in r]
-    ax.plot([r["step"] for r in evals], [r["test/nll"] for r in evals], "o-", label="test/nll")
+    ax.plot([r["step"] for r in rows], [r[train_key] for r in rows], label=train_key)
+    evals = [r for r in rows if eval_key in r]
+    ax.plot([r["step"] for r in evals], [r[eval_key] for r in evals], "o-", label=eval_key)
     ax.set_xlabel("step")
-    ax.set_ylabel("nats / token")
+    ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})

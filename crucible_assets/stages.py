@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 from dagster import AssetExecutionContext, AssetIn, AssetKey, Config, Output, asset
 from pydantic import Field
@@ -16,10 +15,11 @@ from pydantic import Field
 from crucible_assets import evaluation, plots
 from crucible_assets.caching import cached_artifact
 from crucible_assets.evaluation import EvalConfig
-from crucible_assets.rendering import RenderError, prompt_and_reference, render, stop_sequences
-from crucible_assets.supervised import SupervisedConfig, train_supervised
+from crucible_assets.tokenizing import tokenize_splits
+from crucible_assets.supervised import train_supervised
+from crucible_assets.training import TrainConfig
 from resources.artifact_store import ArtifactRef, ArtifactStore, hash_tree
-from resources.dataset_sources import DatasetConfig, load_records, split_records
+from resources.dataset_sources import DatasetConfig, load_records, split_records, validate_record
 from resources.hf_io import load_tokenizer
 from resources.local_torch import LocalTorchBackend
 from resources.registry import ModelRegistry
@@ -45,10 +45,6 @@ def key(recipe: str, stage: str) -> AssetKey:
 
 def _jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def base_model_asset(recipe: str, start_from: str | None = None):
@@ -90,11 +86,12 @@ def base_model_asset(recipe: str, start_from: str | None = None):
     return _base_model
 
 
-def dataset_asset(recipe: str, config_cls: type[DatasetConfig]):
+def dataset_asset(recipe: str, config_cls: type[DatasetConfig], validate=validate_record):
+    """`validate` normalizes each source record (conversations and documents by default)."""
     @asset(key=key(recipe, "dataset"), group_name=recipe, code_version="1", kinds={"json"},
            description="Raw records from the configured source, validated, with a seeded held-out split.")
     def _dataset(context: AssetExecutionContext, config: config_cls, store: ArtifactStore) -> Output[ArtifactRef]:
-        records = load_records(config)  # raises on bad input before anything is written
+        records = load_records(config, validate)  # raises on bad input before anything is written
         train, test = split_records(records, config.test_fraction, config.seed)
         body = {"train": _jsonl(train), "test": _jsonl(test)}
 
@@ -110,7 +107,8 @@ def dataset_asset(recipe: str, config_cls: type[DatasetConfig]):
     return _dataset
 
 
-def tokenized_asset(recipe: str, config_cls: type[TokenizeConfig]):
+def tokenized_asset(recipe: str, config_cls: type[TokenizeConfig], kind: str = "sft"):
+    """`kind`: sft (tokens + weights per example) or pairs (chosen/rejected completions)."""
     @asset(key=key(recipe, "tokenized"), group_name=recipe, code_version="2", kinds={"parquet"},
            ins={"dataset": AssetIn(key=key(recipe, "dataset")), "base_model": AssetIn(key=key(recipe, "base_model"))},
            description="Parquet shards of token ids and loss weights, rendered with the model's chat template.")
@@ -121,37 +119,7 @@ def tokenized_asset(recipe: str, config_cls: type[TokenizeConfig]):
 
         def build(out, _work):
             tok = load_tokenizer(base_model.dir)
-            summary = {}
-            for split in ("train", "test"):
-                path = dataset.dir / f"{split}.jsonl"
-                rows, truncated = [], 0
-                for i, record in enumerate(_read_jsonl(path), 1):
-                    where = lambda: f"{path}: record {i} ({json.dumps(record)[:300]}): field 'messages'"  # noqa: E731
-                    try:
-                        tokens, weights = render(tok, record, config.train_on_what, config.renderer)
-                    except RenderError as e:
-                        raise RenderError(f"{where()}: {e}") from None
-                    truncated += len(tokens) > config.max_length
-                    tokens, weights = tokens[: config.max_length], weights[: config.max_length]
-                    if sum(weights[1:]) == 0:
-                        raise RenderError(f"{where()}: loss weights sum to zero within max_length {config.max_length}")
-                    prompt, reference = prompt_and_reference(tok, record, config.renderer)
-                    target_text = tok.decode([t for t, w in zip(tokens[1:], weights[1:]) if w > 0])
-                    rows.append({"tokens": tokens, "weights": weights, "prompt_tokens": prompt,
-                                 "reference": reference, "target_bytes": len(target_text.encode())})
-                schema = pa.schema([("tokens", pa.list_(pa.int32())), ("weights", pa.list_(pa.float32())),
-                                    ("prompt_tokens", pa.list_(pa.int32())), ("reference", pa.string()),
-                                    ("target_bytes", pa.int64())])
-                pq.write_table(pa.Table.from_pylist(rows, schema=schema), out / f"{split}.parquet")
-                summary[f"{split}_rows"] = len(rows)
-                summary[f"{split}_tokens"] = sum(len(r["tokens"]) for r in rows)
-                summary[f"{split}_loss_tokens"] = int(sum(sum(r["weights"][1:]) for r in rows))
-                summary[f"{split}_truncated"] = truncated
-                lengths = np.array([len(r["tokens"]) for r in rows])
-                summary[f"{split}_length_percentiles"] = {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99, 100)}
-            render_info = {"renderer": config.renderer, "train_on_what": config.train_on_what, "stop": stop_sequences(tok, config.renderer)}
-            (out / "render.json").write_text(json.dumps(render_info, sort_keys=True))
-            return summary | {"stop": render_info["stop"]}
+            return tokenize_splits(dataset.dir, out, tok, kind, config.max_length, config.train_on_what, config.renderer)
 
         return cached_artifact(context, store, config=config.model_dump(),
                                upstream={"dataset": dataset, "base_model": base_model}, build=build)
@@ -163,7 +131,31 @@ def read_examples(tokenized: ArtifactRef, split: str) -> list[dict]:
     return pq.read_table(tokenized.dir / f"{split}.parquet").to_pylist()
 
 
-def sft_checkpoint_asset(recipe: str, config_cls: type[SupervisedConfig]):
+def save_checkpoint(client, out: Path, rows: list[dict], telemetry: dict, loss_key: str, eval_key: str) -> dict:
+    """Sampler weights (HF dir), resumable state, per-step metrics and the loss curve."""
+    client.save_weights_for_sampler(out / "model")
+    client.save_state(out / "state")
+    (out / "metrics.jsonl").write_text(_jsonl(rows))
+    plots.loss_curve(rows, out / "loss_curve.png", loss_key, eval_key)
+    final_eval = {k: v for k, v in [r for r in rows if eval_key in r][-1].items() if k.startswith("test/")}
+    return {"steps": len(rows), loss_key: rows[-1][loss_key], **final_eval,
+            "train_tokens": sum(r["num_tokens"] for r in rows), **telemetry, "plots": ["loss_curve.png"]}
+
+
+def write_report(out: Path, report: dict, metric: str, ylabel: str) -> dict:
+    """report.json, report.md and a start-vs-trained bar plot of `metric` with its CIs."""
+    (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
+    (out / "report.md").write_text(evaluation.markdown(report))
+    plots.comparison(["start", "trained"], [report[f"start/{metric}"], report[metric]],
+                     [report[f"start/{metric}_ci"], report[f"{metric}_ci"]], ylabel, out / "comparison.png")
+    return {k: v for k, v in report.items() if k != "samples"} | {"plots": ["comparison.png"]}
+
+
+def stop_of(tokenized: ArtifactRef) -> list[str]:
+    return json.loads((tokenized.dir / "render.json").read_text())["stop"]
+
+
+def sft_checkpoint_asset(recipe: str, config_cls: type[TrainConfig]):
     @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="2", kinds={"pytorch", "huggingface"},
            ins={"tokenized": AssetIn(key=key(recipe, "tokenized")), "base_model": AssetIn(key=key(recipe, "base_model"))},
            description="Supervised fine-tune (cross-entropy on weighted target tokens): HF model dir, "
@@ -176,13 +168,7 @@ def sft_checkpoint_asset(recipe: str, config_cls: type[SupervisedConfig]):
             pairs = lambda split: [(r["tokens"], r["weights"]) for r in read_examples(tokenized, split)]  # noqa: E731
             client = backend.create_training_client(base_model.dir, config.lora_rank, config.seed)
             rows, telemetry = train_supervised(client, pairs("train"), pairs("test"), config, work, context.log.info)
-            client.save_weights_for_sampler(out / "model")
-            client.save_state(out / "state")
-            (out / "metrics.jsonl").write_text(_jsonl(rows))
-            plots.loss_curve(rows, out / "loss_curve.png")
-            final_eval = [r for r in rows if "test/nll" in r][-1]
-            return {"steps": len(rows), "train_mean_nll": rows[-1]["train_mean_nll"], "test/nll": final_eval["test/nll"],
-                    "train_tokens": sum(r["num_tokens"] for r in rows), **telemetry, "plots": ["loss_curve.png"]}
+            return save_checkpoint(client, out, rows, telemetry, "train_mean_nll", "test/nll")
 
         return cached_artifact(context, store, config=config.model_dump(),
                                upstream={"tokenized": tokenized, "base_model": base_model},
@@ -203,13 +189,8 @@ def eval_report_asset(recipe: str, config_cls: type[EvalConfig]):
             start = backend.create_training_client(base_model.dir, 0, config.seed)
             trained = backend.create_training_client(checkpoint.dir / "model", 0, config.seed)
             target_bytes = np.array([r["target_bytes"] for r in rows], dtype=float)
-            stop = json.loads((tokenized.dir / "render.json").read_text())["stop"]
-            report = evaluation.evaluate(start, trained, trained.tokenizer, rows, target_bytes, config, stop)
-            (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
-            (out / "report.md").write_text(evaluation.markdown(report))
-            plots.comparison(["start", "trained"], [report["start/test/nll"], report["test/nll"]],
-                             [report["start/test/nll_ci"], report["test/nll_ci"]], "test/nll (nats/token)", out / "nll.png")
-            return {k: v for k, v in report.items() if k != "samples"} | {"plots": ["nll.png"]}
+            report = evaluation.evaluate(start, trained, trained.tokenizer, rows, target_bytes, config, stop_of(tokenized))
+            return write_report(out, report, "test/nll", "test/nll (nats/token)")
 
         return cached_artifact(context, store, config=config.model_dump(),
                                upstream={"checkpoint": checkpoint, "tokenized": tokenized, "base_model": base_model},
@@ -228,7 +209,8 @@ def model_card(recipe: str, lineage_edge: str, started_from: dict, report: dict,
     return "\n".join(lines)
 
 
-def registered_model_asset(recipe: str, lineage_edge: str, metric: str = "test/nll"):
+def registered_model_asset(recipe: str, lineage_edge: str, metric: str = "test/nll", lower_is_better: bool = True):
+    """`metric` (from the eval report) decides whether a new version becomes champion."""
     @asset(key=key(recipe, "registered_model"), group_name=recipe, code_version="2", kinds={"huggingface"},
            ins={"checkpoint": AssetIn(key=key(recipe, "checkpoint")), "eval_report": AssetIn(key=key(recipe, "eval_report"))},
            description="A registry version of the checkpoint: HF-format export with a model card; "
@@ -245,7 +227,7 @@ def registered_model_asset(recipe: str, lineage_edge: str, metric: str = "test/n
         def build(out, _work):
             shutil.copytree(checkpoint.dir / "model", out, dirs_exist_ok=True)
             (out / "README.md").write_text(model_card(recipe, lineage_edge, started_from, report, upstream_versions))
-            return {"test/nll": report["test/nll"], "model": recipe}
+            return {metric: report[metric], "model": recipe}
 
         output = cached_artifact(context, store, config={"model": recipe, "metric": metric},
                                  upstream={"checkpoint": checkpoint, "eval_report": eval_report}, build=build)
@@ -257,7 +239,7 @@ def registered_model_asset(recipe: str, lineage_edge: str, metric: str = "test/n
                                        "model": started_from.get("registered_model")},
                         "datasets": {k: v for k, v in upstream_versions.items() if k != base_key}},
             "run_id": context.run_id,
-        }, metric=metric)
+        }, metric=metric, lower_is_better=lower_is_better)
         return Output(ref, data_version=output.data_version, metadata={**output.metadata, "registry_version": entry["version"]})
 
     return _registered_model

@@ -1,73 +1,16 @@
-"""The supervised loop: cross-entropy on weighted target tokens through the backend port.
-
-Everything that decides a step (batch order, learning rate) is a pure function of the step
-number and the seed, and state is saved with the optimizer every `save_every` steps, so a
-run killed at any point resumes from its last save and ends on the same bytes.
-"""
+"""The supervised step: cross-entropy on weighted target tokens through the backend port,
+normalized so the summed loss is the batch's mean NLL per target token."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-from dagster import Config
-from pydantic import Field
-
 from crucible_assets.evaluation import nll_per_example
-from crucible_assets.schedules import learning_rate
-from resources.training_backend import AdamParams, Datum, TrainingClient
-
-
-class SupervisedConfig(Config):
-    learning_rate: float = Field(default=2e-3, description="peak learning rate")
-    lr_schedule: str = Field(default="cosine", description="constant | linear | cosine")
-    warmup_steps: int = 10
-    batch_size: int = Field(default=32, description="sequences per optimizer step")
-    num_epochs: int = 1
-    max_steps: int = Field(default=0, description="> 0 overrides num_epochs")
-    lora_rank: int = Field(default=0, description="0 = full fine-tune; > 0 = LoRA of this rank (peft)")
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 1.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eval_every: int = Field(default=50, description="steps between test/nll evaluations")
-    save_every: int = Field(default=50, description="steps between resumable checkpoints")
-    seed: int = 0
-
-    def check(self) -> None:
-        problems = []
-        if not (self.learning_rate > 0 and np.isfinite(self.learning_rate)):
-            problems.append(f"learning_rate must be a positive number, got {self.learning_rate}")
-        for name in ("batch_size", "num_epochs", "eval_every", "save_every"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "lora_rank", "warmup_steps"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr_schedule not in ("constant", "linear", "cosine"):
-            problems.append(f"lr_schedule must be constant, linear or cosine, got {self.lr_schedule!r}")
-        if problems:
-            raise ValueError("training config: " + "; ".join(problems))
-
+from crucible_assets.training import TrainConfig, layout_metrics, train
+from resources.training_backend import Datum, TrainingClient
 
 Example = tuple[list[int], list[float]]
-
-
-def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
-    """A fresh seeded permutation per epoch; the last batch of an epoch may be short."""
-    per_epoch = -(-n // batch_size)
-    epoch, i = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return order[i * batch_size : (i + 1) * batch_size].tolist()
-
-
-def total_steps(cfg: SupervisedConfig, n: int) -> int:
-    return cfg.max_steps or cfg.num_epochs * -(-n // cfg.batch_size)
 
 
 def mean_nll(client: TrainingClient, examples: list[Example]) -> float:
@@ -75,92 +18,22 @@ def mean_nll(client: TrainingClient, examples: list[Example]) -> float:
     return float(nll.sum() / count.sum())
 
 
-def _last_save(work_dir: Path) -> Path | None:
-    saves = sorted(work_dir.glob("step_*"))
-    return saves[-1] if saves else None
-
-
-def _save(client: TrainingClient, work_dir: Path, step: int, rows: list[dict]) -> None:
-    tmp = work_dir / f".tmp_step_{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    client.save_state(tmp)
-    (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.rename(tmp, work_dir / f"step_{step:07d}")
-    for old in sorted(work_dir.glob("step_*"))[:-1]:
-        shutil.rmtree(old)
-
-
 def train_supervised(
     client: TrainingClient,
-    train: list[Example],
-    test: list[Example],
-    cfg: SupervisedConfig,
+    train_examples: list[Example],
+    test_examples: list[Example],
+    cfg: TrainConfig,
     work_dir: Path,
     log: Callable[[str], None] = print,
 ) -> tuple[list[dict], dict]:
-    """Returns per-step metrics (deterministic) and wall-clock telemetry (not)."""
-    steps = total_steps(cfg, len(train))
-    rows: list[dict] = []
-    start = 0
-    last = _last_save(work_dir)
-    if last is not None:
-        client.load_state(last, with_optimizer=True)
-        rows = [json.loads(line) for line in (last / "metrics.jsonl").read_text().splitlines()]
-        start = int(last.name.split("_")[1])
-        log(f"resuming from {last} at step {start}/{steps}")
-    tokens_seen, slots, unpacked_slots, t0 = 0, 0, 0, time.perf_counter()
-    for step in range(start, steps):
-        batch = [train[i] for i in batch_indices(step, len(train), cfg.batch_size, cfg.seed)]
+    def step(indices: list[int]) -> dict:
+        batch = [train_examples[i] for i in indices]
         total_weight = sum(sum(w[1:]) for _, w in batch)
         # weights / total make the summed cross-entropy the batch's mean NLL per target token
         data = [Datum.from_sequence(t, [x / total_weight for x in w]) for t, w in batch]
         fb = client.forward_backward(data, "cross_entropy")
-        lr = learning_rate(step, steps, cfg.learning_rate, cfg.lr_schedule, cfg.warmup_steps)
-        opt = client.optim_step(
-            AdamParams(
-                learning_rate=lr,
-                beta1=cfg.beta1,
-                beta2=cfg.beta2,
-                weight_decay=cfg.weight_decay,
-                grad_clip_norm=cfg.grad_clip_norm,
-            )
-        )
-        n_tokens = sum(len(t) - 1 for t, _ in batch)
-        tokens_seen += n_tokens
-        slots += fb.metrics.get("tokens:slots", n_tokens)
-        unpacked_slots += len(batch) * max(len(t) - 1 for t, _ in batch)
-        row = {
-            "step": step,
-            "train_mean_nll": fb.metrics["loss:sum"],
-            "learning_rate": lr,
-            "grad_norm": opt["grad_norm"],
-            "num_sequences": len(batch),
-            "num_tokens": n_tokens,
-            "num_loss_tokens": int(total_weight),
-        }
-        if not np.isfinite(row["train_mean_nll"]):
-            raise FloatingPointError(f"step {step}: train_mean_nll is {row['train_mean_nll']}; last good state is in {work_dir}")
-        done = step + 1
-        if done % cfg.eval_every == 0 or done == steps:
-            row["test/nll"] = mean_nll(client, test)
-        rows.append(row)
-        if done % cfg.save_every == 0 and done < steps:
-            _save(client, work_dir, done, rows)
-        if done % 10 == 0 or done == steps:
-            elapsed = time.perf_counter() - t0
-            rate = tokens_seen / elapsed
-            eta = (steps - done) * elapsed / (done - start)
-            evaluated = f" test/nll {row['test/nll']:.4f}" if "test/nll" in row else ""
-            log(f"step {done}/{steps} train_mean_nll {row['train_mean_nll']:.4f}{evaluated} {rate:,.0f} tok/s eta {eta:.0f}s")
-    elapsed = time.perf_counter() - t0
-    telemetry = {
-        "train_seconds": elapsed,
-        "tokens_per_second": tokens_seen / elapsed if elapsed > 0 else 0.0,
-        "resumed_from_step": start,
-        "steps_run": steps - start,
-        # share of the model's input grid that was padding, as run and with one sequence per row
-        "padding_fraction": 1 - tokens_seen / slots if slots else 0.0,
-        "padding_fraction_unpacked": 1 - tokens_seen / unpacked_slots if unpacked_slots else 0.0,
-    }
-    return rows, telemetry
+        return {"train_mean_nll": fb.metrics["loss:sum"], "num_sequences": len(batch),
+                "num_loss_tokens": int(total_weight), **layout_metrics(fb.metrics, [t for t, _ in batch])}
+
+    return train(client, len(train_examples), cfg, work_dir, step,
+                 lambda: {"test/nll": mean_nll(client, test_examples)}, "train_mean_nll", log)

@@ -52,7 +52,27 @@ def arithmetic_chats(n: int, seed: int) -> list[dict]:
     return records
 
 
-GENERATORS = {"arithmetic": arithmetic_conversations, "arithmetic_chat": arithmetic_chats}
+def arithmetic_pairs(n: int, seed: int) -> list[dict]:
+    """Preference pairs on the multi-turn chats: the chosen last answer is right; the
+    rejected one carries a near miss (off by 1 to 3), half the time in the sum and half the
+    time in the number carried over from the previous turn, the mistakes a tiny model makes."""
+    rng = random.Random(seed)
+    pairs = []
+    for chat in arithmetic_chats(n, seed):
+        messages = chat["messages"]
+        left, added, answer = (int(x) for x in messages[-1]["content"].replace("+", "=").split("="))
+        miss = rng.choice([-3, -2, -1, 1, 2, 3])
+        if rng.random() < 0.5:
+            wrong = answer + (miss if answer + miss >= 0 else -miss)
+            text = f"{left} + {added} = {wrong}"
+        else:
+            carried = left + (miss if left + miss >= 0 else -miss)
+            text = f"{carried} + {added} = {carried + added}"
+        pairs.append({"chosen": messages, "rejected": messages[:-1] + [{"role": "assistant", "content": text}]})
+    return pairs
+
+
+GENERATORS = {"arithmetic": arithmetic_conversations, "arithmetic_chat": arithmetic_chats, "arithmetic_pairs": arithmetic_pairs}
 
 
 def tokenizer_corpus(seed: int, n: int = 4000) -> list[str]:

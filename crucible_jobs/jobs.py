@@ -3,9 +3,9 @@ cached ancestors cost nothing. In-process so torch is imported once per run."""
 
 from dagster import AssetSelection, define_asset_job, in_process_executor
 
-from recipes import chat_sl, sl_basic
+from recipes import chat_sl, dpo, sl_basic
 
-RECIPES = [sl_basic, chat_sl]
+RECIPES = [sl_basic, chat_sl, dpo]
 
 
 def recipe_job(name: str):

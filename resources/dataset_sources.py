@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from dagster import Config
 from pydantic import Field
@@ -34,7 +34,10 @@ class DatasetConfig(Config):
     seed: int = 0
 
 
-def load_records(cfg: DatasetConfig) -> list[dict]:
+def load_records(cfg: DatasetConfig, validate: Callable[[Any, str, str], dict | None] | None = None) -> list[dict]:
+    """`validate(record, origin, where)` normalizes one record (None drops it) or raises
+    DatasetError; the default accepts conversations and documents."""
+    validate = validate or validate_record
     if cfg.source == "synthetic":
         if cfg.generator not in GENERATORS:
             raise DatasetError(f"dataset config: field 'generator': {cfg.generator!r} is not one of {sorted(GENERATORS)}")
@@ -44,7 +47,7 @@ def load_records(cfg: DatasetConfig) -> list[dict]:
     if cfg.source in ("jsonl", "parquet", "hf"):
         raw = {"jsonl": _read_jsonl, "parquet": _read_parquet, "hf": _read_hf}[cfg.source](cfg)
         origin = ",".join(cfg.data_files) or cfg.path
-        records = [validate_record(r, origin, where) for where, r in raw]
+        records = [r for r in (validate(r, origin, where) for where, r in raw) if r is not None]
         if cfg.num_examples and cfg.source != "hf":
             records = records[: cfg.num_examples]
         if not records:

@@ -46,11 +46,16 @@ def run_job(name: str, run_config: dict, raise_on_error: bool = True):
     from crucible_jobs import defs
 
     job = defs.resolve_job_def(name)
-    # one shared config for every recipe: keep the ops this job has
-    ops = {n.name for n in job.graph.nodes}
-    run_config = {**run_config, "ops": {k: v for k, v in run_config.get("ops", {}).items() if k in ops}}
     with DagsterInstance.get() as instance:
-        return job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=raise_on_error)
+        return job.execute_in_process(run_config=config_for(name, run_config), instance=instance, raise_on_error=raise_on_error)
+
+
+def config_for(name: str, run_config: dict) -> dict:
+    """One shared config for every recipe: keep the ops that job `name` has."""
+    from crucible_jobs import defs
+
+    ops = {n.name for n in defs.resolve_job_def(name).graph.nodes}
+    return {**run_config, "ops": {k: v for k, v in run_config.get("ops", {}).items() if k in ops}}
 
 
 def env_with(**extra) -> dict:

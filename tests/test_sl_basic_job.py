@@ -13,7 +13,7 @@ import time
 import pytest
 import yaml
 
-from conftest import TINY_RUN_CONFIG, env_with, run_job, tree_digest
+from conftest import TINY_RUN_CONFIG, config_for, env_with, run_job, tree_digest
 from crucible_jobs.cli import main as crucible
 from resources.artifact_store import ArtifactStore
 from resources.registry import ModelRegistry
@@ -118,7 +118,7 @@ def test_sigkill_during_training_resumes_to_identical_bytes(homes, tmp_path, mon
     monkeypatch.setenv("CRUCIBLE_HOME", str(home))
     monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(TINY_RUN_CONFIG))
+    cfg.write_text(yaml.safe_dump(config_for("sl_basic", TINY_RUN_CONFIG)))
     proc = subprocess.Popen(
         [sys.executable, "-m", "dagster", "job", "execute", "-m", "crucible_jobs", "-j", "sl_basic", "-c", str(cfg)],
         env=env_with(CRUCIBLE_HOME=str(home), DAGSTER_HOME=str(dagster_home)),

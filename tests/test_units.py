@@ -17,7 +17,7 @@ from crucible_assets.base_models import build_tiny_llama, train_tokenizer
 from crucible_assets.evaluation import answer_matches, bootstrap_ci
 from crucible_assets.rendering import render
 from crucible_assets.schedules import learning_rate
-from crucible_assets.supervised import batch_indices
+from crucible_assets.training import batch_indices
 from resources.artifact_store import ArtifactStore, IntegrityError, fingerprint
 from resources.dataset_sources import DatasetConfig, DatasetError, load_records
 from resources.local_torch import LocalTorchBackend
