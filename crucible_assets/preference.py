@@ -141,25 +141,27 @@ def held_out_metrics(policy: dict, ref: dict, cfg: DpoConfig, prefix: str) -> di
 
 def evaluate_preferences(start: TrainingClient, trained: TrainingClient, tokenizer, rows: list[dict], cfg: EvalConfig,
                          dpo: DpoConfig, stop: list[str]) -> dict:
-    """Held-out pairs: how often each model gives the chosen completion the higher log-prob
-    (paired CI of the gain), the trained policy's implicit-reward metrics against the start
-    as reference, and greedy answer accuracy before and after."""
+    """Held-out pairs, with the start as the reference. `test/pref_accuracy` ranks each pair
+    by the implicit reward margin beta * ((policy - ref)_chosen - (policy - ref)_rejected),
+    a tie counting half, so the starting policy (margin 0 everywhere) scores exactly 0.5;
+    TRL's strict `rewards/accuracies` and the other reward metrics are reported as well.
+    `test/logp_ranking_accuracy` asks the plainer question, chosen log-prob above rejected,
+    for both models. Greedy answer accuracy before and after completes the report."""
     policy, reference = completion_logps(trained, rows), completion_logps(start, rows)
     n = len(rows)
     ci = lambda f: bootstrap_ci(f, n, cfg.bootstrap_samples, cfg.seed)  # noqa: E731
-    prefers = {name: (logps["chosen_logps"] > logps["rejected_logps"]).astype(float)
-               for name, logps in (("", policy), ("start/", reference))}
-    gain = prefers[""] - prefers["start/"]
     (pc, pr), (rc, rr) = (_scores(d, dpo.loss_type == "ipo") for d in (policy, reference))
     margins = dpo.beta * ((pc - rc) - (pr - rr))
-    report = {
-        "num_pairs": n,
-        **{f"{name}test/pref_accuracy": float(p.mean()) for name, p in prefers.items()},
-        **{f"{name}test/pref_accuracy_ci": ci(lambda idx, p=p: p[idx].mean()) for name, p in prefers.items()},
-        "test/pref_accuracy_delta": float(gain.mean()),
-        "test/pref_accuracy_delta_ci": ci(lambda idx: gain[idx].mean()),
-        "test/rewards/margins_ci": ci(lambda idx: margins[idx].mean()),
-        "test/rewards/accuracies_ci": ci(lambda idx: (margins[idx] > 0).mean()),
-        **held_out_metrics(policy, reference, dpo, prefix="test/"),
+    per_pair = {
+        "test/pref_accuracy": ((margins > 0) + 0.5 * (margins == 0), np.full(n, 0.5)),
+        "test/rewards/margins": (margins, np.zeros(n)),
+        "test/logp_ranking_accuracy": ((policy["chosen_logps"] > policy["rejected_logps"]).astype(float),
+                                       (reference["chosen_logps"] > reference["rejected_logps"]).astype(float)),
     }
+    report: dict = {"num_pairs": n, **held_out_metrics(policy, reference, dpo, prefix="test/")}
+    for name, (trained_i, start_i) in per_pair.items():
+        gain = trained_i - start_i
+        report |= {name: float(trained_i.mean()), f"{name}_ci": ci(lambda idx, v=trained_i: v[idx].mean()),
+                   f"start/{name}": float(start_i.mean()), f"start/{name}_ci": ci(lambda idx, v=start_i: v[idx].mean()),
+                   f"{name}_delta": float(gain.mean()), f"{name}_delta_ci": ci(lambda idx, g=gain: g[idx].mean())}
     return report | sampled_accuracy(start, trained, tokenizer, rows, cfg, stop)
