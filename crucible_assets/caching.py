@@ -36,6 +36,7 @@ def cached_artifact(
     # the asset's declared code_version, so bumping it in the decorator invalidates the cache
     code_version = context.assets_def.code_versions_by_key[context.asset_key]
     fp = fingerprint(
+        asset_key=key,  # two assets with equal inputs (e.g. two recipes' base_model) stay distinct
         code_version=code_version,
         config=config,
         upstream={k: r.content_hash for k, r in sorted(upstream.items())},

@@ -14,8 +14,13 @@ from resources.artifact_store import ArtifactStore
 
 logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
-DATASET_CHECKS = ("schema", "non_empty", "no_nulls", "trainable_records", "roles_valid", "alternation", "no_empty_assistant_turns")
-PAIR_CHECKS = ("shared_prompt", "chosen_differs_from_rejected", "non_empty_completions")
+BASIC_CHECKS = ("schema", "non_empty", "no_nulls", "trainable_records")
+CHAT_CHECKS = BASIC_CHECKS + ("roles_valid", "alternation", "no_empty_assistant_turns")
+CHECKS_BY_KIND = {
+    "conversations": CHAT_CHECKS,
+    "pairs": CHAT_CHECKS + ("shared_prompt", "chosen_differs_from_rejected", "non_empty_completions"),
+    "problems": BASIC_CHECKS,  # trainable: question and answer both non-empty
+}
 COLUMNS = ["split", "body", "assistant_chars", "text_chars", "roles", "empty_assistant_turns"]
 ROLE = "(?:system|user|assistant|tool)"
 # system prompts first, then user turns each answered by the assistant (tool results in between)
@@ -23,8 +28,11 @@ ALTERNATION = r"^(?:system,)*user,assistant(?:,tool,assistant)*(?:,user,assistan
 
 
 def _row(split: str, r: dict) -> dict:
-    """Columns for a conversation or document; for a pair, the chosen conversation plus
-    how it relates to the rejected one."""
+    """Columns for a conversation, a document or a problem; for a pair, the chosen
+    conversation plus how it relates to the rejected one."""
+    if "question" in r:
+        return {"split": split, "body": json.dumps(r, sort_keys=True), "assistant_chars": None,
+                "text_chars": min(len(r["question"].strip()), len(r["answer"].strip())), "roles": None, "empty_assistant_turns": None}
     messages = r.get("messages") or r.get("chosen") or []
     assistant = [m["content"].strip() for m in messages if m["role"] == "assistant"]
     row = {
@@ -83,13 +91,16 @@ def validate(df: pd.DataFrame) -> dict[str, tuple[bool, dict]]:
     return results
 
 
-def dataset_checks(recipe: str, pairs: bool = False):
-    names = DATASET_CHECKS + (PAIR_CHECKS if pairs else ())
+def dataset_checks(recipe: str, kind: str = "conversations"):
+    """`kind`: conversations (and documents), pairs or problems."""
+    names = CHECKS_BY_KIND[kind]
 
     @multi_asset_check(specs=[AssetCheckSpec(name, asset=key(recipe, "dataset"), blocking=True) for name in names],
                        name=f"{recipe}__dataset_checks")
     def _checks(store: ArtifactStore):
-        for name, (ok, details) in validate(record_frame(store, recipe)).items():
+        results = validate(record_frame(store, recipe))
+        for name in names:
+            ok, details = results[name]
             yield AssetCheckResult(check_name=name, asset_key=key(recipe, "dataset"), passed=ok,
                                    severity=AssetCheckSeverity.ERROR, metadata={"great_expectations": details})
 

@@ -14,7 +14,6 @@ def loss_curve(rows: list[dict], path: Path, train_key: str, eval_key: str) -> N
     evals = [r for r in rows if eval_key in r]
     ax.plot([r["step"] for r in evals], [r[eval_key] for r in evals], "o-", label=eval_key)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})

@@ -100,7 +100,7 @@ def train_dpo(
     ipo = cfg.loss_type == "ipo"
     ref_chosen_N, ref_rejected_N = (torch.tensor(x) for x in _scores(train_ref, ipo))
 
-    def step(indices: list[int]) -> dict:
+    def step(_step: int, indices: list[int]) -> dict:
         batch = [train_rows[i] for i in indices]
         P = len(batch)
         sequences = [(r[f"{side}_tokens"], r[f"{side}_weights"]) for side in ("chosen", "rejected") for r in batch]

@@ -15,8 +15,8 @@ from pydantic import Field
 from crucible_assets import evaluation, plots
 from crucible_assets.caching import cached_artifact
 from crucible_assets.evaluation import EvalConfig
-from crucible_assets.tokenizing import tokenize_splits
 from crucible_assets.supervised import train_supervised
+from crucible_assets.tokenizing import tokenize_splits
 from crucible_assets.training import TrainConfig
 from resources.artifact_store import ArtifactRef, ArtifactStore, hash_tree
 from resources.dataset_sources import DatasetConfig, load_records, split_records, validate_record

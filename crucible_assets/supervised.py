@@ -26,7 +26,7 @@ def train_supervised(
     work_dir: Path,
     log: Callable[[str], None] = print,
 ) -> tuple[list[dict], dict]:
-    def step(indices: list[int]) -> dict:
+    def step(_step: int, indices: list[int]) -> dict:
         batch = [train_examples[i] for i in indices]
         total_weight = sum(sum(w[1:]) for _, w in batch)
         # weights / total make the summed cross-entropy the batch's mean NLL per target token

@@ -8,7 +8,7 @@ import random
 SYSTEM_PROMPT = "You are a careful calculator. Answer briefly."
 
 def arithmetic_problem(rng: random.Random) -> tuple[str, int]:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    a, b = rng.randint(0, 19), rng.randint(0, 19)
     if rng.random() < 0.5:
         return f"{a} + {b}", a + b
     a, b = max(a, b), min(a, b)
@@ -72,7 +72,18 @@ def arithmetic_pairs(n: int, seed: int) -> list[dict]:
     return pairs
 
 
-GENERATORS = {"arithmetic": arithmetic_conversations, "arithmetic_chat": arithmetic_chats, "arithmetic_pairs": arithmetic_pairs}
+def arithmetic_problems(n: int, seed: int) -> list[dict]:
+    """RL problems from sl_basic's distribution: the question and its integer answer."""
+    rng = random.Random(seed)
+    problems = []
+    for _ in range(n):
+        expr, answer = arithmetic_problem(rng)
+        problems.append({"question": f"What is {expr}?", "answer": str(answer)})
+    return problems
+
+
+GENERATORS = {"arithmetic": arithmetic_conversations, "arithmetic_chat": arithmetic_chats, "arithmetic_pairs": arithmetic_pairs,
+              "arithmetic_problems": arithmetic_problems}
 
 
 def tokenizer_corpus(seed: int, n: int = 4000) -> list[str]:

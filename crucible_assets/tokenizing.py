@@ -21,6 +21,7 @@ SCHEMAS = {
                       ("reference", pa.string()), ("target_bytes", pa.int64())]),
     "pairs": pa.schema([("chosen_tokens", TOKENS), ("chosen_weights", WEIGHTS), ("rejected_tokens", TOKENS),
                         ("rejected_weights", WEIGHTS), ("prompt_tokens", TOKENS), ("reference", pa.string())]),
+    "problems": pa.schema([("prompt_tokens", TOKENS), ("reference", pa.string())]),
 }
 
 
@@ -66,7 +67,16 @@ def pair_row(r: Renderer, record: dict, where) -> tuple[dict, list[int]]:
     return row, [len(row["chosen_tokens"]), len(row["rejected_tokens"])]
 
 
-ROW_BUILDERS = {"sft": sft_row, "pairs": pair_row}
+def problem_row(r: Renderer, record: dict, where) -> tuple[dict, list[int]]:
+    """The question as a user turn, rendered up to the assistant's generation prompt."""
+    messages = [{"role": "user", "content": record["question"]}, {"role": "assistant", "content": record["answer"]}]
+    prompt, reference = prompt_and_reference(r.tok, {"messages": messages}, r.renderer)
+    if len(prompt) > r.max_length:
+        raise RenderError(f"{where()}: the prompt has {len(prompt)} tokens, more than max_length {r.max_length}")
+    return {"prompt_tokens": prompt, "reference": reference}, [len(prompt)]
+
+
+ROW_BUILDERS = {"sft": sft_row, "pairs": pair_row, "problems": problem_row}
 
 
 def tokenize_splits(dataset_dir: Path, out: Path, tok, kind: str, max_length: int, train_on_what: str, renderer: str) -> dict:

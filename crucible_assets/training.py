@@ -92,13 +92,13 @@ def train(
     num_examples: int,
     cfg: TrainConfig,
     work_dir: Path,
-    step_fn: Callable[[list[int]], dict],
+    step_fn: Callable[[int, list[int]], dict],
     eval_fn: Callable[[], dict],
     loss_key: str,
     log: Callable[[str], None] = print,
 ) -> tuple[list[dict], dict]:
     """Returns per-step metrics (deterministic) and wall-clock telemetry (not). `step_fn`
-    gets the batch's example indices, runs forward/backward and returns metrics that must
+    gets the step and the batch's example indices, runs forward/backward and returns metrics that must
     include `loss_key`, `num_tokens` and, when the backend reports them, `tokens:slots`."""
     steps = total_steps(cfg, num_examples)
     rows: list[dict] = []
@@ -111,7 +111,7 @@ def train(
         log(f"resuming from {last} at step {start}/{steps}")
     tokens_seen, slots, unpacked_slots, t0 = 0, 0, 0, time.perf_counter()
     for step in range(start, steps):
-        metrics = step_fn(batch_indices(step, num_examples, cfg.batch_size, cfg.seed))
+        metrics = step_fn(step, batch_indices(step, num_examples, cfg.batch_size, cfg.seed))
         lr = learning_rate(step, steps, cfg.learning_rate, cfg.lr_schedule, cfg.warmup_steps)
         opt = client.optim_step(AdamParams(learning_rate=lr, beta1=cfg.beta1, beta2=cfg.beta2,
                                            weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm))

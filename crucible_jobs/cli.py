@@ -22,12 +22,18 @@ def resolve(target: str, store: ArtifactStore, registry: ModelRegistry) -> Artif
     return ref
 
 
-def lineage(ref: ArtifactRef, store: ArtifactStore) -> dict:
+def lineage(ref: ArtifactRef, store: ArtifactStore, seen: set[str] | None = None) -> dict:
+    """The upstream tree; an artifact reached a second time (chains share ancestors) is a
+    stub marked `shown_above`, so the tree stays linear in the size of the graph."""
+    seen = set() if seen is None else seen
     m = store.manifest(ref.fingerprint)
+    if ref.fingerprint in seen:
+        return {"key": m["key"], "data_version": m["content_hash"], "fingerprint": ref.fingerprint, "shown_above": True, "upstream": []}
+    seen.add(ref.fingerprint)
     upstream = []
     for u in m["upstream"]:
         up = store.lookup(u["fingerprint"])
-        upstream.append(lineage(up, store) if up else {"key": u["key"], "data_version": u["content_hash"], "missing": True})
+        upstream.append(lineage(up, store, seen) if up else {"key": u["key"], "data_version": u["content_hash"], "missing": True, "upstream": []})
     return {
         "key": m["key"],
         "data_version": m["content_hash"],
@@ -49,6 +55,9 @@ def walk(node: dict):
 
 
 def print_tree(node: dict, indent: str = "") -> None:
+    if node.get("shown_above"):
+        print(f"{indent}{node['key']}  data_version={node['data_version']}  (shown above)")
+        return
     print(f"{indent}{node['key']}  data_version={node['data_version']}  code_version={node.get('code_version')}  run={node.get('run_id')}")
     if "path" in node:
         print(f"{indent}    path: {node['path']}")

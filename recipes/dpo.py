@@ -50,5 +50,5 @@ assets = [
     dpo_eval_report_asset(NAME, DpoEval),
     registered_model_asset(NAME, lineage_edge="dpo_trained_from", metric="test/pref_accuracy", lower_is_better=False),
 ]
-checks = [dataset_checks(NAME, pairs=True), length_check(NAME),
+checks = [dataset_checks(NAME, "pairs"), length_check(NAME),
           eval_gate_check(NAME, delta="test/pref_accuracy_delta", higher_is_better=True)]

@@ -52,7 +52,7 @@ def canonical_json(obj: Any) -> str:
 
 
 def fingerprint(**parts: Any) -> str:
-    """hash(code_version, resolved config, upstream data versions, backend identity)."""
+    """hash(asset key, code_version, resolved config, upstream data versions, backend identity)."""
     return hashlib.sha256(canonical_json(parts).encode()).hexdigest()[:32]
 
 

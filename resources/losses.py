@@ -33,7 +33,8 @@ def ppo(logprobs_B_T: torch.Tensor, inputs: Tensors, config: dict) -> tuple[torc
     adv_B_T = inputs["advantages"]
     surrogate_B_T = torch.minimum(ratio_B_T * adv_B_T, ratio_B_T.clamp(low, high) * adv_B_T)
     loss = -surrogate_B_T.sum()
-    mask_B_T = inputs["mask"]
+    # sampled tokens only (weights mark them); the prompt's ratios mean nothing
+    mask_B_T = (inputs["weights"] > 0).float() if "weights" in inputs else inputs["mask"]
     clipped = ((ratio_B_T < low) | (ratio_B_T > high)).float() * mask_B_T
     return loss, {"loss:sum": loss.item(), "clip_fraction": (clipped.sum() / mask_B_T.sum().clamp(min=1)).item()}
 

@@ -1,0 +1,69 @@
+"""Asset factories for math_rl's own stages: the RL checkpoint (sampling and training on
+the backend) and the eval report (greedy accuracy and pass@k vs. the start)."""
+
+import json
+
+from dagster import AssetExecutionContext, AssetIn, Output, asset
+from pydantic import Field
+
+from crucible_assets import plots
+from crucible_assets.caching import cached_artifact
+from crucible_assets.evaluation import EvalConfig
+from crucible_assets.rl import RlConfig, evaluate_rl, train_rl
+from crucible_assets.stages import key, read_examples, save_checkpoint, stop_of, write_report
+from resources.artifact_store import ArtifactRef, ArtifactStore
+from resources.local_torch import LocalTorchBackend
+
+
+class RlEvalConfig(EvalConfig):
+    pass_k: int = Field(default=8, description="samples per problem (temperature 1) for pass@k")
+
+
+def rl_checkpoint_asset(recipe: str, config_cls: type[RlConfig]):
+    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="1", kinds={"pytorch", "huggingface"},
+           ins={"tokenized": AssetIn(key=key(recipe, "tokenized")), "base_model": AssetIn(key=key(recipe, "base_model"))},
+           description="RL with verifiable rewards: groups of sampled answers per problem, group-centered rewards, "
+                       "importance-sampling or PPO loss on the sampled tokens; HF model dir, state, metrics, reward curve.")
+    def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: LocalTorchBackend,
+                    tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
+        config.check()
+
+        def build(out, work):
+            client = backend.create_training_client(base_model.dir, config.lora_rank, config.seed)
+            reference = backend.create_training_client(base_model.dir, 0, config.seed) if config.kl_penalty_coef > 0 else None
+            rows, telemetry = train_rl(client, reference, client.tokenizer, read_examples(tokenized, "train"),
+                                       read_examples(tokenized, "test"), config, stop_of(tokenized), work, context.log.info)
+            return save_checkpoint(client, out, rows, telemetry, "env/all/reward/total", "test/accuracy")
+
+        return cached_artifact(context, store, config=config.model_dump(),
+                               upstream={"tokenized": tokenized, "base_model": base_model},
+                               build=build, backend=backend.identity())
+
+    return _checkpoint
+
+
+def rl_eval_report_asset(recipe: str, config_cls: type[RlEvalConfig]):
+    @asset(key=key(recipe, "eval_report"), group_name=recipe, code_version="1", kinds={"json"},
+           ins={"checkpoint": AssetIn(key=key(recipe, "checkpoint")), "tokenized": AssetIn(key=key(recipe, "tokenized")),
+                "base_model": AssetIn(key=key(recipe, "base_model"))},
+           description="Greedy accuracy and pass@k on held-out problems vs. the starting model, with paired bootstrap "
+                       "CIs, and the training reward curve.")
+    def _eval_report(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: LocalTorchBackend,
+                     checkpoint: ArtifactRef, tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
+        rl = RlConfig(**store.manifest(checkpoint.fingerprint)["config"])
+
+        def build(out, _work):
+            start = backend.create_training_client(base_model.dir, 0, config.seed)
+            trained = backend.create_training_client(checkpoint.dir / "model", 0, config.seed)
+            report = evaluate_rl(start, trained, trained.tokenizer, read_examples(tokenized, "test"), rl, config,
+                                 config.pass_k, stop_of(tokenized))
+            summary = write_report(out, report, "test/sample_accuracy", "held-out sample accuracy (T=1)")
+            steps = [json.loads(line) for line in (checkpoint.dir / "metrics.jsonl").read_text().splitlines()]
+            plots.loss_curve(steps, out / "reward_curve.png", "env/all/reward/total", "test/accuracy")
+            return summary | {"plots": summary["plots"] + ["reward_curve.png"]}
+
+        return cached_artifact(context, store, config=config.model_dump(),
+                               upstream={"checkpoint": checkpoint, "tokenized": tokenized, "base_model": base_model},
+                               build=build, backend=backend.identity())
+
+    return _eval_report
