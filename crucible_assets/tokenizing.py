@@ -50,7 +50,7 @@ def sft_row(r: Renderer, record: dict, where) -> tuple[dict, list[int]]:
         r.truncated += len(tokens) > r.max_length
         tokens, weights = tokens[: r.max_length], weights[: r.max_length]
     else:
-        tokens, weights = r(record["messages"], where)
+        tokens, weights = r(record["messages"], lambda: f"{where()}: field 'messages'")
     prompt, reference = prompt_and_reference(r.tok, record, r.renderer)
     target_text = r.tok.decode([t for t, w in zip(tokens[1:], weights[1:]) if w > 0])
     row = {"tokens": tokens, "weights": weights, "prompt_tokens": prompt, "reference": reference,
@@ -61,7 +61,7 @@ def sft_row(r: Renderer, record: dict, where) -> tuple[dict, list[int]]:
 def pair_row(r: Renderer, record: dict, where) -> tuple[dict, list[int]]:
     row = {}
     for side in ("chosen", "rejected"):
-        tokens, weights = r(record[side], lambda: f"{where()}[{side}]", "last_assistant_message")
+        tokens, weights = r(record[side], lambda: f"{where()}: field '{side}'", "last_assistant_message")
         row[f"{side}_tokens"], row[f"{side}_weights"] = tokens, weights
     row["prompt_tokens"], row["reference"] = prompt_and_reference(r.tok, {"messages": record["chosen"]}, r.renderer)
     return row, [len(row["chosen_tokens"]), len(row["rejected_tokens"])]
@@ -72,7 +72,7 @@ def problem_row(r: Renderer, record: dict, where) -> tuple[dict, list[int]]:
     messages = [{"role": "user", "content": record["question"]}, {"role": "assistant", "content": record["answer"]}]
     prompt, reference = prompt_and_reference(r.tok, {"messages": messages}, r.renderer)
     if len(prompt) > r.max_length:
-        raise RenderError(f"{where()}: the prompt has {len(prompt)} tokens, more than max_length {r.max_length}")
+        raise RenderError(f"{where()}: field 'question': the prompt has {len(prompt)} tokens, more than max_length {r.max_length}")
     return {"prompt_tokens": prompt, "reference": reference}, [len(prompt)]
 
 
@@ -87,7 +87,7 @@ def tokenize_splits(dataset_dir: Path, out: Path, tok, kind: str, max_length: in
         rows, lengths = [], []
         for i, line in enumerate(path.read_text().splitlines(), 1):
             record = json.loads(line)
-            row, row_lengths = ROW_BUILDERS[kind](r, record, lambda: f"{path}: record {i} ({line[:300]}): field 'messages'")
+            row, row_lengths = ROW_BUILDERS[kind](r, record, lambda: f"{path}: record {i} ({line[:300]})")
             rows.append(row)
             lengths += row_lengths
         pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMAS[kind]), out / f"{split}.parquet")
