@@ -11,6 +11,8 @@ import pytest
 import yaml
 
 from conftest import TINY_RUN_CONFIG, run_job, tree_digest
+from crucible_jobs.cli import main as crucible
+from crucible_jobs.cli import walk
 from resources.artifact_store import ArtifactStore
 from resources.registry import ModelRegistry
 from test_sl_basic_job import cached_flags, data_versions
@@ -18,7 +20,7 @@ from test_sl_basic_job import cached_flags, data_versions
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_chat_sl_builds_on_sl_basic_and_caches(homes):
+def test_chat_sl_builds_on_sl_basic_and_caches(homes, capsys):
     first = run_job("chat_sl", TINY_RUN_CONFIG)
     assert first.success
     versions = data_versions(first)
@@ -39,6 +41,13 @@ def test_chat_sl_builds_on_sl_basic_and_caches(homes):
     assert report["test/nll_delta_ci"][1] < 0
     assert "test/accuracy_delta_ci" in report and report["samples"]
     assert all(not s["completion"].endswith("<|im_end|>") for s in report["samples"])
+
+    # shared ancestors (base/, sl_basic/*) appear in full once, then as stubs
+    assert crucible(["lineage", "chat_sl/registered_model", "--json"]) == 0
+    nodes = list(walk(json.loads(capsys.readouterr().out)))
+    full = [n["fingerprint"] for n in nodes if not n.get("shown_above")]
+    assert len(full) == len(set(full)) and any(n.get("shown_above") for n in nodes)
+    assert {"base/tokenizer", "sl_basic/dataset", "chat_sl/dataset"} <= {n["key"] for n in nodes}
 
     objects = tree_digest(store.base / "objects")
     second = run_job("chat_sl", TINY_RUN_CONFIG)
