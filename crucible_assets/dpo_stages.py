@@ -8,7 +8,7 @@ from dagster import AssetExecutionContext, AssetIn, Output, asset
 from crucible_assets.caching import cached_artifact
 from crucible_assets.evaluation import EvalConfig
 from crucible_assets.preference import DpoConfig, completion_logps, evaluate_preferences, train_dpo
-from crucible_assets.stages import key, read_examples, save_checkpoint, stop_of, write_report
+from crucible_assets.stages import eval_report_asset, key, read_examples, save_checkpoint
 from resources.artifact_store import ArtifactRef, ArtifactStore
 from resources.local_torch import LocalTorchBackend
 
@@ -69,24 +69,9 @@ def dpo_checkpoint_asset(recipe: str, config_cls: type[DpoConfig]):
 
 
 def dpo_eval_report_asset(recipe: str, config_cls: type[EvalConfig]):
-    @asset(key=key(recipe, "eval_report"), group_name=recipe, code_version="1", kinds={"json"},
-           ins={"checkpoint": AssetIn(key=key(recipe, "checkpoint")), "tokenized": AssetIn(key=key(recipe, "tokenized")),
-                "base_model": AssetIn(key=key(recipe, "base_model"))},
-           description="Held-out preference accuracy (chosen log-prob above rejected) and implicit-reward margins vs. "
-                       "the starting policy, and greedy answer accuracy before and after, with bootstrap CIs.")
-    def _eval_report(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: LocalTorchBackend,
-                     checkpoint: ArtifactRef, tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
-        dpo = DpoConfig(**store.manifest(checkpoint.fingerprint)["config"])
+    def evaluate(start, trained, rows, config, train_config, stop):
+        return evaluate_preferences(start, trained, trained.tokenizer, rows, config, DpoConfig(**train_config), stop)
 
-        def build(out, _work):
-            start = backend.create_training_client(base_model.dir, 0, config.seed)
-            trained = backend.create_training_client(checkpoint.dir / "model", 0, config.seed)
-            report = evaluate_preferences(start, trained, trained.tokenizer, read_examples(tokenized, "test"), config, dpo,
-                                          stop_of(tokenized))
-            return write_report(out, report, "test/pref_accuracy", "held-out preference accuracy")
-
-        return cached_artifact(context, store, config=config.model_dump(),
-                               upstream={"checkpoint": checkpoint, "tokenized": tokenized, "base_model": base_model},
-                               build=build, backend=backend.identity())
-
-    return _eval_report
+    return eval_report_asset(recipe, config_cls, evaluate, "test/pref_accuracy", "held-out preference accuracy",
+                             description="Held-out preference accuracy (chosen log-prob above rejected) and implicit-reward "
+                                         "margins vs. the starting policy, and greedy answer accuracy before and after, with bootstrap CIs.")

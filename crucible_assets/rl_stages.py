@@ -1,16 +1,13 @@
 """Asset factories for math_rl's own stages: the RL checkpoint (sampling and training on
 the backend) and the eval report (greedy accuracy and pass@k vs. the start)."""
 
-import json
-
 from dagster import AssetExecutionContext, AssetIn, Output, asset
 from pydantic import Field
 
-from crucible_assets import plots
 from crucible_assets.caching import cached_artifact
 from crucible_assets.evaluation import EvalConfig
 from crucible_assets.rl import RlConfig, evaluate_rl, train_rl
-from crucible_assets.stages import key, read_examples, save_checkpoint, stop_of, write_report
+from crucible_assets.stages import eval_report_asset, key, read_examples, save_checkpoint, stop_of
 from resources.artifact_store import ArtifactRef, ArtifactStore
 from resources.local_torch import LocalTorchBackend
 
@@ -43,27 +40,10 @@ def rl_checkpoint_asset(recipe: str, config_cls: type[RlConfig]):
 
 
 def rl_eval_report_asset(recipe: str, config_cls: type[RlEvalConfig]):
-    @asset(key=key(recipe, "eval_report"), group_name=recipe, code_version="1", kinds={"json"},
-           ins={"checkpoint": AssetIn(key=key(recipe, "checkpoint")), "tokenized": AssetIn(key=key(recipe, "tokenized")),
-                "base_model": AssetIn(key=key(recipe, "base_model"))},
-           description="Greedy accuracy and pass@k on held-out problems vs. the starting model, with paired bootstrap "
-                       "CIs, and the training reward curve.")
-    def _eval_report(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: LocalTorchBackend,
-                     checkpoint: ArtifactRef, tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
-        rl = RlConfig(**store.manifest(checkpoint.fingerprint)["config"])
+    def evaluate(start, trained, rows, config, train_config, stop):
+        return evaluate_rl(start, trained, trained.tokenizer, rows, RlConfig(**train_config), config, config.pass_k, stop)
 
-        def build(out, _work):
-            start = backend.create_training_client(base_model.dir, 0, config.seed)
-            trained = backend.create_training_client(checkpoint.dir / "model", 0, config.seed)
-            report = evaluate_rl(start, trained, trained.tokenizer, read_examples(tokenized, "test"), rl, config,
-                                 config.pass_k, stop_of(tokenized))
-            summary = write_report(out, report, "test/sample_accuracy", "held-out sample accuracy (T=1)")
-            steps = [json.loads(line) for line in (checkpoint.dir / "metrics.jsonl").read_text().splitlines()]
-            plots.loss_curve(steps, out / "reward_curve.png", "env/all/reward/total", "test/accuracy")
-            return summary | {"plots": summary["plots"] + ["reward_curve.png"]}
-
-        return cached_artifact(context, store, config=config.model_dump(),
-                               upstream={"checkpoint": checkpoint, "tokenized": tokenized, "base_model": base_model},
-                               build=build, backend=backend.identity())
-
-    return _eval_report
+    return eval_report_asset(recipe, config_cls, evaluate, "test/sample_accuracy", "held-out sample accuracy (T=1)",
+                             code_version="2", curve=("env/all/reward/total", "test/accuracy"),
+                             description="Greedy accuracy, sample accuracy and pass@k on held-out problems vs. the starting "
+                                         "model, with paired bootstrap CIs, and the training reward curve.")

@@ -177,26 +177,46 @@ def sft_checkpoint_asset(recipe: str, config_cls: type[TrainConfig]):
     return _checkpoint
 
 
-def eval_report_asset(recipe: str, config_cls: type[EvalConfig]):
-    @asset(key=key(recipe, "eval_report"), group_name=recipe, code_version="2", kinds={"json"},
+def eval_report_asset(recipe: str, config_cls: type[EvalConfig], evaluate, metric: str, ylabel: str, description: str,
+                      code_version: str = "1", curve: tuple[str, str] | None = None):
+    """The trained checkpoint against the starting model on the held-out split.
+    `evaluate(start, trained, test_rows, config, train_config, stop)` returns the report
+    (train_config: the checkpoint's resolved training config); `metric` is plotted start vs.
+    trained; `curve` = (train key, eval key) also plots the checkpoint's training curve."""
+    @asset(key=key(recipe, "eval_report"), group_name=recipe, code_version=code_version, kinds={"json"},
            ins={"checkpoint": AssetIn(key=key(recipe, "checkpoint")), "tokenized": AssetIn(key=key(recipe, "tokenized")),
                 "base_model": AssetIn(key=key(recipe, "base_model"))},
-           description="Held-out NLL, bits per byte and answer accuracy vs. the starting model, with bootstrap CIs.")
+           description=description)
     def _eval_report(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: LocalTorchBackend,
                      checkpoint: ArtifactRef, tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
+        train_config = store.manifest(checkpoint.fingerprint)["config"]
+
         def build(out, _work):
-            rows = read_examples(tokenized, "test")
             start = backend.create_training_client(base_model.dir, 0, config.seed)
             trained = backend.create_training_client(checkpoint.dir / "model", 0, config.seed)
-            target_bytes = np.array([r["target_bytes"] for r in rows], dtype=float)
-            report = evaluation.evaluate(start, trained, trained.tokenizer, rows, target_bytes, config, stop_of(tokenized))
-            return write_report(out, report, "test/nll", "test/nll (nats/token)")
+            report = evaluate(start, trained, read_examples(tokenized, "test"), config, train_config, stop_of(tokenized))
+            summary = write_report(out, report, metric, ylabel)
+            if curve:
+                steps = [json.loads(line) for line in (checkpoint.dir / "metrics.jsonl").read_text().splitlines()]
+                plots.loss_curve(steps, out / "training_curve.png", *curve)
+                summary["plots"].append("training_curve.png")
+            return summary
 
         return cached_artifact(context, store, config=config.model_dump(),
                                upstream={"checkpoint": checkpoint, "tokenized": tokenized, "base_model": base_model},
                                build=build, backend=backend.identity())
 
     return _eval_report
+
+
+def evaluate_sft(start, trained, rows: list[dict], config: EvalConfig, _train_config: dict, stop: list[str]) -> dict:
+    target_bytes = np.array([r["target_bytes"] for r in rows], dtype=float)
+    return evaluation.evaluate(start, trained, trained.tokenizer, rows, target_bytes, config, stop)
+
+
+def sft_eval_report_asset(recipe: str, config_cls: type[EvalConfig]):
+    return eval_report_asset(recipe, config_cls, evaluate_sft, "test/nll", "test/nll (nats/token)", code_version="2",
+                             description="Held-out NLL, bits per byte and answer accuracy vs. the starting model, with bootstrap CIs.")
 
 
 def model_card(recipe: str, lineage_edge: str, started_from: dict, report: dict, upstream: dict[str, str]) -> str:

@@ -11,9 +11,9 @@ from crucible_assets.stages import (
     TokenizeConfig,
     base_model_asset,
     dataset_asset,
-    eval_report_asset,
     registered_model_asset,
     sft_checkpoint_asset,
+    sft_eval_report_asset,
     tokenized_asset,
 )
 from crucible_assets.training import TrainConfig
@@ -49,7 +49,7 @@ assets = [
     dataset_asset(NAME, ChatSlDataset),
     tokenized_asset(NAME, ChatSlTokenize),
     sft_checkpoint_asset(NAME, ChatSlTrain),
-    eval_report_asset(NAME, ChatSlEval),
+    sft_eval_report_asset(NAME, ChatSlEval),
     registered_model_asset(NAME, lineage_edge="fine_tuned_from"),
 ]
 checks = [dataset_checks(NAME), length_check(NAME), eval_gate_check(NAME)]

@@ -9,9 +9,9 @@ from crucible_assets.stages import (
     TokenizeConfig,
     base_model_asset,
     dataset_asset,
-    eval_report_asset,
     registered_model_asset,
     sft_checkpoint_asset,
+    sft_eval_report_asset,
     tokenized_asset,
 )
 from crucible_assets.training import TrainConfig
@@ -45,7 +45,7 @@ assets = [
     dataset_asset(NAME, SlBasicDataset),
     tokenized_asset(NAME, SlBasicTokenize),
     sft_checkpoint_asset(NAME, SlBasicTrain),
-    eval_report_asset(NAME, SlBasicEval),
+    sft_eval_report_asset(NAME, SlBasicEval),
     registered_model_asset(NAME, lineage_edge="fine_tuned_from"),
 ]
 checks = [dataset_checks(NAME), length_check(NAME), eval_gate_check(NAME)]
