@@ -31,18 +31,30 @@ def base_tokenizer(context: AssetExecutionContext, config: TokenizerConfig, stor
     return cached_artifact(context, store, config=config.model_dump(), upstream={}, build=build)
 
 
-@asset(key=AssetKey(["base", "tiny_llama"]), group_name="base", code_version="1", kinds={"pytorch", "huggingface"},
-       ins={"tokenizer": AssetIn(key=AssetKey(["base", "tokenizer"]))},
-       description="A seeded, randomly initialised Llama-architecture model on the base tokenizer, in HF format.")
-def base_tiny_llama(context: AssetExecutionContext, config: TinyModelConfig, store: ArtifactStore, tokenizer: ArtifactRef) -> Output[ArtifactRef]:
-    def build(out, _work):
-        params = build_tiny_llama(
-            tokenizer.dir, out, config.hidden_size, config.num_layers, config.num_heads,
-            config.intermediate_size, config.max_position_embeddings, config.seed,
-        )
-        return {"parameters": params}
+class SmallTinyModelConfig(TinyModelConfig):
+    """A fifth of tiny_llama's parameters: the default distillation student."""
 
-    return cached_artifact(context, store, config=config.model_dump(), upstream={"tokenizer": tokenizer}, build=build)
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 344
 
 
-BASE_ASSETS = [base_tokenizer, base_tiny_llama]
+def tiny_llama_asset(name: str, config_cls: type[TinyModelConfig]):
+    @asset(key=AssetKey(["base", name]), group_name="base", code_version="1", kinds={"pytorch", "huggingface"},
+           ins={"tokenizer": AssetIn(key=AssetKey(["base", "tokenizer"]))},
+           description="A seeded, randomly initialised Llama-architecture model on the base tokenizer, in HF format.")
+    def _tiny_llama(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, tokenizer: ArtifactRef) -> Output[ArtifactRef]:
+        def build(out, _work):
+            params = build_tiny_llama(
+                tokenizer.dir, out, config.hidden_size, config.num_layers, config.num_heads,
+                config.intermediate_size, config.max_position_embeddings, config.seed,
+            )
+            return {"parameters": params}
+
+        return cached_artifact(context, store, config=config.model_dump(), upstream={"tokenizer": tokenizer}, build=build)
+
+    return _tiny_llama
+
+
+BASE_ASSETS = [base_tokenizer, tiny_llama_asset("tiny_llama", TinyModelConfig), tiny_llama_asset("tiny_llama_small", SmallTinyModelConfig)]

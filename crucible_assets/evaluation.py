@@ -35,6 +35,19 @@ def bootstrap_ci(stat, n: int, samples: int, seed: int) -> tuple[float, float]:
     return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
 
+def paired_report(per_example: dict[str, tuple[np.ndarray, np.ndarray]], cfg: EvalConfig) -> dict:
+    """For each metric's per-example values (trained, start): both means and the mean gain,
+    each with a 95% bootstrap CI over the same resampled examples (paired)."""
+    report = {}
+    for name, (trained_i, start_i) in per_example.items():
+        ci = lambda v: bootstrap_ci(lambda idx: v[idx].mean(), len(v), cfg.bootstrap_samples, cfg.seed)  # noqa: E731
+        gain = trained_i - start_i
+        report |= {name: float(trained_i.mean()), f"{name}_ci": ci(trained_i),
+                   f"start/{name}": float(start_i.mean()), f"start/{name}_ci": ci(start_i),
+                   f"{name}_delta": float(gain.mean()), f"{name}_delta_ci": ci(gain)}
+    return report
+
+
 def answer_matches(completion: str, reference: str) -> bool:
     """Correct when the last number of the completion equals the reference's last number
     (or, without numbers, when the reference text appears)."""
@@ -82,16 +95,11 @@ def sampled_accuracy(start: TrainingClient, trained: TrainingClient, tokenizer, 
         return {}
     params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0, seed=cfg.seed, stop=stop)
     prompts = [list(r["prompt_tokens"]) for r in prompted]
-    ci = lambda f: bootstrap_ci(f, len(prompted), cfg.bootstrap_samples, cfg.seed)  # noqa: E731
-    report, correct = {}, {}
+    correct = {}
     for name, client in (("start/", start), ("", trained)):
         outs = [tokenizer.decode(s[0].tokens, skip_special_tokens=True) for s in client.sample(prompts, 1, params)]
         correct[name] = np.array([answer_matches(o, r["reference"]) for o, r in zip(outs, prompted)], dtype=float)
-        report[f"{name}test/accuracy"] = float(correct[name].mean())
-        report[f"{name}test/accuracy_ci"] = ci(lambda idx, c=correct[name]: c[idx].mean())
-    gain = correct[""] - correct["start/"]
-    report["test/accuracy_delta"] = float(gain.mean())
-    report["test/accuracy_delta_ci"] = ci(lambda idx: gain[idx].mean())
+    report = paired_report({"test/accuracy": (correct[""], correct["start/"])}, cfg)
     report["samples"] = [{"prompt": tokenizer.decode(p), "reference": r["reference"], "completion": o}
                          for p, r, o in list(zip(prompts, prompted, outs))[: cfg.num_shown]]
     return report

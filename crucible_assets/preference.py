@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from crucible_assets.evaluation import EvalConfig, bootstrap_ci, nll_per_example, sampled_accuracy
+from crucible_assets.evaluation import EvalConfig, nll_per_example, paired_report, sampled_accuracy
 from crucible_assets.training import TrainConfig, layout_metrics, train
 from resources.training_backend import Datum, TrainingClient
 
@@ -149,7 +149,6 @@ def evaluate_preferences(start: TrainingClient, trained: TrainingClient, tokeniz
     for both models. Greedy answer accuracy before and after completes the report."""
     policy, reference = completion_logps(trained, rows), completion_logps(start, rows)
     n = len(rows)
-    ci = lambda f: bootstrap_ci(f, n, cfg.bootstrap_samples, cfg.seed)  # noqa: E731
     (pc, pr), (rc, rr) = (_scores(d, dpo.loss_type == "ipo") for d in (policy, reference))
     margins = dpo.beta * ((pc - rc) - (pr - rr))
     per_pair = {
@@ -158,10 +157,5 @@ def evaluate_preferences(start: TrainingClient, trained: TrainingClient, tokeniz
         "test/logp_ranking_accuracy": ((policy["chosen_logps"] > policy["rejected_logps"]).astype(float),
                                        (reference["chosen_logps"] > reference["rejected_logps"]).astype(float)),
     }
-    report: dict = {"num_pairs": n, **held_out_metrics(policy, reference, dpo, prefix="test/")}
-    for name, (trained_i, start_i) in per_pair.items():
-        gain = trained_i - start_i
-        report |= {name: float(trained_i.mean()), f"{name}_ci": ci(lambda idx, v=trained_i: v[idx].mean()),
-                   f"start/{name}": float(start_i.mean()), f"start/{name}_ci": ci(lambda idx, v=start_i: v[idx].mean()),
-                   f"{name}_delta": float(gain.mean()), f"{name}_delta_ci": ci(lambda idx, g=gain: g[idx].mean())}
+    report: dict = {"num_pairs": n, **held_out_metrics(policy, reference, dpo, prefix="test/"), **paired_report(per_pair, cfg)}
     return report | sampled_accuracy(start, trained, tokenizer, rows, cfg, stop)

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 from pydantic import Field
 
-from crucible_assets.evaluation import EvalConfig, bootstrap_ci
+from crucible_assets.evaluation import EvalConfig, paired_report
 from crucible_assets.math_grading import grade
 from crucible_assets.training import TrainConfig, layout_metrics, train
 from resources.training_backend import Datum, SampledSequence, SamplingParams, TrainingClient
@@ -168,8 +168,6 @@ def evaluate_rl(start: TrainingClient, trained: TrainingClient, tokenizer, rows:
     """Held-out problems, both models, paired bootstrap CIs of each gain: greedy accuracy;
     sample accuracy (the mean over k samples at temperature 1: what RL optimizes, the
     policy's own pass@1); pass@k (any of the k samples correct)."""
-    ci = lambda values: bootstrap_ci(lambda idx: values[idx].mean(), len(rows), eval_cfg.bootstrap_samples, eval_cfg.seed)  # noqa: E731
-    report: dict = {"num_problems": len(rows)}
     params = SamplingParams(max_tokens=cfg.max_tokens, temperature=1.0, top_p=1.0, stop=stop, seed=eval_cfg.seed)
     per_problem = {}
     for name, client in (("start/", start), ("", trained)):
@@ -181,9 +179,5 @@ def evaluate_rl(start: TrainingClient, trained: TrainingClient, tokenizer, rows:
             "test/sample_accuracy": correct_N_K.mean(axis=1),
             f"test/pass@{pass_k}": correct_N_K.max(axis=1),
         }
-    for metric in per_problem[""]:
-        trained_i, start_i = per_problem[""][metric], per_problem["start/"][metric]
-        report |= {metric: float(trained_i.mean()), f"{metric}_ci": ci(trained_i),
-                   f"start/{metric}": float(start_i.mean()), f"start/{metric}_ci": ci(start_i),
-                   f"{metric}_delta": float((trained_i - start_i).mean()), f"{metric}_delta_ci": ci(trained_i - start_i)}
-    return report
+    return {"num_problems": len(rows),
+            **paired_report({m: (per_problem[""][m], per_problem["start/"][m]) for m in per_problem[""]}, eval_cfg)}

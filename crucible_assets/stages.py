@@ -47,17 +47,22 @@ def _jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
 
 
-def base_model_asset(recipe: str, start_from: str | None = None):
+def base_model_asset(recipe: str, start_from: str | None = None, stage: str = "base_model",
+                     base: str = "tiny_llama"):
     """`start_from` names the recipe whose registered model is the embedded default start;
-    without it the chain starts from base/tiny_llama."""
-    start_key = key(start_from, "registered_model") if start_from else AssetKey(["base", "tiny_llama"])
+    without it the chain starts from base/`base`. `stage` names the snapshot (a recipe with
+    two models, like distillation's teacher and student, takes two). The default start is a
+    dependency, not an input, so a run given another model (a local dir, a hub id) with that
+    upstream left out of its selection never reads it."""
+    start_key = key(start_from, "registered_model") if start_from else AssetKey(["base", base])
 
-    @asset(key=key(recipe, "base_model"), group_name=recipe, code_version="2", kinds={"huggingface"},
-           ins={"start": AssetIn(key=start_key)},
+    @asset(key=key(recipe, stage), group_name=recipe, code_version="2", kinds={"huggingface"}, deps=[start_key],
            description=f"The starting model (default: {start_key.to_user_string()}), snapshotted into the store so lineage reaches its bytes.")
-    def _base_model(context: AssetExecutionContext, config: BaseModelConfig, store: ArtifactStore, registry: ModelRegistry,
-                    start: ArtifactRef) -> Output[ArtifactRef]:
+    def _base_model(context: AssetExecutionContext, config: BaseModelConfig, store: ArtifactStore,
+                    registry: ModelRegistry) -> Output[ArtifactRef]:
         if config.base_model == EMBEDDED:
+            start = store.latest(start_key.to_user_string())
+            store.open_verified(start)
             source = start.dir
         elif Path(config.base_model).is_dir():
             source = Path(config.base_model)
@@ -178,23 +183,28 @@ def sft_checkpoint_asset(recipe: str, config_cls: type[TrainConfig]):
 
 
 def eval_report_asset(recipe: str, config_cls: type[EvalConfig], evaluate, metric: str, ylabel: str, description: str,
-                      code_version: str = "1", curve: tuple[str, str] | None = None):
+                      code_version: str = "1", curve: tuple[str, str] | None = None, extra_models: tuple[str, ...] = ()):
     """The trained checkpoint against the starting model on the held-out split.
-    `evaluate(start, trained, test_rows, config, train_config, stop)` returns the report
-    (train_config: the checkpoint's resolved training config); `metric` is plotted start vs.
-    trained; `curve` = (train key, eval key) also plots the checkpoint's training curve."""
+    `evaluate(start, trained, test_rows, config, train_config, stop, **extra)` returns the report
+    (train_config: the checkpoint's resolved training config; extra: a client for each of
+    `extra_models`, the recipe's other model stages the checkpoint was trained with, e.g. a
+    teacher); `metric` is plotted start vs. trained; `curve` = (train key, eval key) also
+    plots the checkpoint's training curve."""
     @asset(key=key(recipe, "eval_report"), group_name=recipe, code_version=code_version, kinds={"json"},
            ins={"checkpoint": AssetIn(key=key(recipe, "checkpoint")), "tokenized": AssetIn(key=key(recipe, "tokenized")),
                 "base_model": AssetIn(key=key(recipe, "base_model"))},
            description=description)
     def _eval_report(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: LocalTorchBackend,
                      checkpoint: ArtifactRef, tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
-        train_config = store.manifest(checkpoint.fingerprint)["config"]
+        trained_with = store.manifest(checkpoint.fingerprint)
+        upstream = {u["key"]: store.lookup(u["fingerprint"]) for u in trained_with["upstream"]}
 
         def build(out, _work):
             start = backend.create_training_client(base_model.dir, 0, config.seed)
             trained = backend.create_training_client(checkpoint.dir / "model", 0, config.seed)
-            report = evaluate(start, trained, read_examples(tokenized, "test"), config, train_config, stop_of(tokenized))
+            extra = {name: backend.create_training_client(upstream[f"{recipe}/{name}"].dir, 0, config.seed) for name in extra_models}
+            report = evaluate(start, trained, read_examples(tokenized, "test"), config, trained_with["config"],
+                              stop_of(tokenized), **extra)
             summary = write_report(out, report, metric, ylabel)
             if curve:
                 steps = [json.loads(line) for line in (checkpoint.dir / "metrics.jsonl").read_text().splitlines()]
@@ -229,8 +239,10 @@ def model_card(recipe: str, lineage_edge: str, started_from: dict, report: dict,
     return "\n".join(lines)
 
 
-def registered_model_asset(recipe: str, lineage_edge: str, metric: str = "test/nll", lower_is_better: bool = True):
-    """`metric` (from the eval report) decides whether a new version becomes champion."""
+def registered_model_asset(recipe: str, lineage_edge: str, metric: str = "test/nll", lower_is_better: bool = True,
+                           lineage_stage: str = "base_model"):
+    """`metric` (from the eval report) decides whether a new version becomes champion;
+    `lineage_edge` points at the model snapshot `lineage_stage` (the start, or a teacher)."""
     @asset(key=key(recipe, "registered_model"), group_name=recipe, code_version="2", kinds={"huggingface"},
            ins={"checkpoint": AssetIn(key=key(recipe, "checkpoint")), "eval_report": AssetIn(key=key(recipe, "eval_report"))},
            description="A registry version of the checkpoint: HF-format export with a model card; "
@@ -240,13 +252,13 @@ def registered_model_asset(recipe: str, lineage_edge: str, metric: str = "test/n
         report = json.loads((eval_report.dir / "report.json").read_text())
         ckpt_manifest = store.manifest(checkpoint.fingerprint)
         upstream_versions = {u["key"]: u["content_hash"] for u in ckpt_manifest["upstream"]}
-        base_key = f"{recipe}/base_model"
-        base_ref = next(u for u in ckpt_manifest["upstream"] if u["key"] == base_key)
-        started_from = store.manifest(base_ref["fingerprint"])["summary"]
+        edge_key = f"{recipe}/{lineage_stage}"
+        edge_ref = next(u for u in ckpt_manifest["upstream"] if u["key"] == edge_key)
+        edge_source = store.manifest(edge_ref["fingerprint"])["summary"]
 
         def build(out, _work):
             shutil.copytree(checkpoint.dir / "model", out, dirs_exist_ok=True)
-            (out / "README.md").write_text(model_card(recipe, lineage_edge, started_from, report, upstream_versions))
+            (out / "README.md").write_text(model_card(recipe, lineage_edge, edge_source, report, upstream_versions))
             return {metric: report[metric], "model": recipe}
 
         output = cached_artifact(context, store, config={"model": recipe, "metric": metric},
@@ -255,9 +267,9 @@ def registered_model_asset(recipe: str, lineage_edge: str, metric: str = "test/n
         entry = registry.register(recipe, {
             "fingerprint": ref.fingerprint, "content_hash": ref.content_hash, "asset_key": ref.key, "path": ref.path,
             "metrics": {k: v for k, v in report.items() if isinstance(v, (int, float))},
-            "lineage": {lineage_edge: {"data_version": upstream_versions[base_key], "source": started_from["source"],
-                                       "model": started_from.get("registered_model")},
-                        "datasets": {k: v for k, v in upstream_versions.items() if k != base_key}},
+            "lineage": {lineage_edge: {"data_version": upstream_versions[edge_key], "source": edge_source["source"],
+                                       "model": edge_source.get("registered_model")},
+                        "datasets": {k: v for k, v in upstream_versions.items() if k != edge_key}},
             "run_id": context.run_id,
         }, metric=metric, lower_is_better=lower_is_better)
         return Output(ref, data_version=output.data_version, metadata={**output.metadata, "registry_version": entry["version"]})

@@ -28,6 +28,7 @@ class TrainConfig(Config):
     learning_rate: float = Field(default=2e-3, description="peak learning rate")
     lr_schedule: str = Field(default="cosine", description="constant | linear | cosine")
     warmup_steps: int = 10
+    min_lr_ratio: float = Field(default=0.0, description="the schedule decays to min_lr_ratio * learning_rate")
     batch_size: int = Field(default=32, description="examples (sequences or pairs) per optimizer step")
     num_epochs: int = 1
     max_steps: int = Field(default=0, description="> 0 overrides num_epochs")
@@ -50,6 +51,8 @@ class TrainConfig(Config):
         for name in ("max_steps", "lora_rank", "warmup_steps"):
             if getattr(self, name) < 0:
                 found.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            found.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             found.append(f"lr_schedule must be constant, linear or cosine, got {self.lr_schedule!r}")
         return found
@@ -112,7 +115,7 @@ def train(
     tokens_seen, slots, unpacked_slots, t0 = 0, 0, 0, time.perf_counter()
     for step in range(start, steps):
         metrics = step_fn(step, batch_indices(step, num_examples, cfg.batch_size, cfg.seed))
-        lr = learning_rate(step, steps, cfg.learning_rate, cfg.lr_schedule, cfg.warmup_steps)
+        lr = learning_rate(step, steps, cfg.learning_rate, cfg.lr_schedule, cfg.warmup_steps, cfg.min_lr_ratio)
         opt = client.optim_step(AdamParams(learning_rate=lr, beta1=cfg.beta1, beta2=cfg.beta2,
                                            weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm))
         tokens_seen += metrics["num_tokens"]

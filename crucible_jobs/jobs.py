@@ -3,9 +3,9 @@ cached ancestors cost nothing. In-process so torch is imported once per run."""
 
 from dagster import AssetSelection, define_asset_job, in_process_executor
 
-from recipes import chat_sl, dpo, math_rl, sl_basic
+from recipes import chat_sl, distillation, dpo, math_rl, sl_basic
 
-RECIPES = [sl_basic, chat_sl, dpo, math_rl]
+RECIPES = [sl_basic, chat_sl, dpo, math_rl, distillation]
 
 
 def recipe_job(name: str):
