@@ -1,0 +1,62 @@
+"""Recipe jobs with the Tinker backend, chosen in run config, against the in-process
+Tinker stand-in: the same assets, checkpoints that hold tinker:// paths, registered models
+with the HF-format weights downloaded, and a fast failure without TINKER_API_KEY."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_RUN_CONFIG, run_job
+from resources.artifact_store import ArtifactStore
+from resources.registry import ModelRegistry
+from resources.tinker_backend import API_KEY_ENV, POINTER_FILE
+from tinker_standin import TinkerStandIn
+
+KEY = "standin-job-key"
+TINKER_CONFIG = {**TINY_RUN_CONFIG,
+                 "resources": {"backend": {"config": {"kind": "tinker", "tinker": {"retry_base_delay_s": 0.01}}}}}
+
+
+@pytest.fixture
+def standin(homes, tmp_path, monkeypatch):
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    return TinkerStandIn(tmp_path / "service", api_key=KEY).install(monkeypatch)
+
+
+def assert_tinker_checkpoint(recipe: str, rank: int) -> None:
+    """The checkpoint holds tinker:// paths; the registered model adds the downloaded weights."""
+    store = ArtifactStore()
+    checkpoint = store.latest(f"{recipe}/checkpoint")
+    pointer = json.loads((checkpoint.dir / "model" / POINTER_FILE).read_text())
+    assert pointer["lora_rank"] == rank and pointer["state_path"].startswith("tinker://"), recipe
+    assert not list((checkpoint.dir / "model").glob("*.safetensors")), recipe
+    entry = ModelRegistry().resolve(f"{recipe}@latest")
+    assert "model.safetensors" in store.manifest(entry["fingerprint"])["summary"]["downloaded_weights"], recipe
+    assert (Path(entry["path"]) / "model.safetensors").exists() and (Path(entry["path"]) / POINTER_FILE).exists()
+
+
+def test_sl_basic_runs_on_tinker(standin):
+    result = run_job("sl_basic", TINKER_CONFIG)
+    assert result.success
+    assert standin.calls["forward_backward"] == 40 and standin.calls["optim_step"] == 40
+    assert standin.calls["sample"] > 0 and standin.calls["save_weights_external"] == 1
+    assert_tinker_checkpoint("sl_basic", 32)
+
+
+def test_selecting_tinker_without_key_fails_fast(homes, monkeypatch):
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    result = run_job("sl_basic", TINKER_CONFIG, raise_on_error=False)
+    assert not result.success
+    materialized = [e for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION"]
+    assert materialized == []
+    failure = next(e for e in result.all_events if e.event_type_value in ("PIPELINE_FAILURE", "RUN_FAILURE"))
+    assert API_KEY_ENV in str(failure.event_specific_data)
+
+
+@pytest.mark.slow
+def test_every_recipe_runs_on_tinker(standin):
+    for recipe in ("dpo", "math_rl"):  # dpo builds sl_basic and chat_sl on the way
+        assert run_job(recipe, TINKER_CONFIG).success, recipe
+    for recipe in ("sl_basic", "chat_sl", "dpo", "math_rl"):
+        assert_tinker_checkpoint(recipe, 32)
