@@ -16,8 +16,8 @@ import torch
 
 from crucible_assets.base_models import build_tiny_llama, train_tokenizer
 from resources.local_torch import LocalTorchBackend
-from resources.retries import BackendAuthError, BackendUnavailableError
-from resources.tinker_backend import API_KEY_ENV, POINTER_FILE, TinkerBackend
+from resources.retries import BackendAuthError, BackendUnavailableError, RetryPolicy, resolve
+from resources.tinker_backend import API_KEY_ENV, POINTER_FILE, TinkerBackend, classify
 from resources.training_backend import AdamParams, Datum, SamplingParams
 from tinker_standin import HANG, TinkerStandIn, connection_error, status_error
 
@@ -287,3 +287,40 @@ def test_tinker_sampling_never_hangs(standin, tiny):
     with pytest.raises(BackendUnavailableError, match="sample"):
         client.sample([SEQ_A[:4], SEQ_B[:4]], 1, SamplingParams(max_tokens=2))
     assert time.monotonic() - start < 5.0
+
+
+def fake_time():
+    now = [0.0]
+    sleeps: list[float] = []
+
+    def sleep(s: float) -> None:
+        sleeps.append(s)
+        now[0] += s
+
+    return sleeps, sleep, lambda: now[0]
+
+
+def flaky(failures: int):
+    calls = []
+
+    def submit():
+        calls.append(1)
+        if len(calls) <= failures:
+            raise status_error(tinker.InternalServerError, 503, "busy")
+        return 42
+
+    return calls, submit
+
+
+def test_backoff_is_exponential_capped_and_within_the_deadline():
+    sleeps, sleep, clock = fake_time()
+    calls, submit = flaky(4)
+    policy = RetryPolicy(max_attempts=6, base_delay_s=1.0, max_delay_s=3.0, deadline_s=100.0)
+    assert resolve(submit, "op", policy, classify, sleep=sleep, clock=clock) == 42
+    assert sleeps == [1.0, 2.0, 3.0, 3.0] and len(calls) == 5
+    sleeps, sleep, clock = fake_time()
+    calls, submit = flaky(10)
+    with pytest.raises(BackendUnavailableError, match="3 attempt"):  # 1 + 2 s slept; waiting 4 more would pass 5 s
+        resolve(submit, "op", RetryPolicy(max_attempts=10, base_delay_s=1.0, max_delay_s=30.0, deadline_s=5.0),
+                classify, sleep=sleep, clock=clock)
+    assert sleeps == [1.0, 2.0]
