@@ -129,7 +129,9 @@ class TinkerBackend(ConfigurableResource, TinkerSettings):
         rest = tinker.RestClient(api_key=self.api_key(), base_url=self.base_url or None)
         urls = self.call(lambda: rest.get_external_weights_urls(pointer["hf_weights_path"]), "get_external_weights_urls").urls
         for name, url in sorted(urls.items()):
-            target = out / name
+            target = (out / name).resolve()
+            if not target.is_relative_to(out.resolve()):
+                raise ValueError(f"Tinker export lists a file outside the checkpoint: {name!r}")
             target.parent.mkdir(parents=True, exist_ok=True)
             with urllib.request.urlopen(url, timeout=self.call_deadline_s) as response, open(target, "wb") as f:
                 shutil.copyfileobj(response, f)
