@@ -197,6 +197,25 @@ def test_saved_sampler_weights_load_as_a_model(backend, tiny, tmp_path):
         assert torch.allclose(a, b, atol=1e-4)
 
 
+def test_tinker_path_computes_what_the_local_backend_computes(standin, tiny):
+    """The stand-in runs the local backend underneath, so any difference is the Tinker
+    adapter's doing: conversions, shifts, the custom-loss round trip, optimizer params."""
+    def pairwise(data, logprobs):  # a DPO-shaped loss: depends on both sequences at once
+        a, b = [(torch.tensor(d.loss_fn_inputs["weights"]) * lp).sum() for d, lp in zip(data, logprobs)]
+        return -torch.nn.functional.logsigmoid(a - b), {}
+
+    runs = []
+    for backend in (LocalTorchBackend(device="cpu", precision="fp32"), tinker_backend()):
+        client = backend.create_training_client(tiny, RANK, 0)
+        losses = []
+        for _ in range(3):
+            losses.append(client.forward_backward_custom(batch(), pairwise).loss_fn_outputs[0]["logprobs"].sum().item())
+            client.optim_step(AdamParams(learning_rate=0.05))
+        runs.append(losses + [lp.sum().item() for lp in logprobs_of(client, batch())])
+    assert runs[0] != pytest.approx(runs[0][:1] * len(runs[0]))  # training moved the model
+    assert runs[1] == pytest.approx(runs[0], rel=1e-4)
+
+
 # -- the Tinker side: what the service sees, and failures ------------------------------------
 
 

@@ -58,7 +58,7 @@ def lora_learning_rates(config: dict) -> dict:
     """Tinker trains LoRA, which wants about 10x the full fine-tune learning rate (Tinker's
     LoRA guidance); sl_basic's and chat_sl's tiny rates are already that high."""
     ops = {k: dict(v, config=dict(v["config"])) for k, v in config["ops"].items()}
-    ops["dpo__checkpoint"]["config"]["learning_rate"] = 2e-3
+    ops["dpo__checkpoint"]["config"]["learning_rate"] = 1e-2
     ops["math_rl__checkpoint"]["config"]["learning_rate"] = 1e-3
     return {**config, "ops": ops}
 
