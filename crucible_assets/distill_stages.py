@@ -15,7 +15,7 @@ from crucible_assets.math_grading import grade
 from crucible_assets.rl import ENVS
 from crucible_assets.stages import eval_report_asset, key, read_examples, save_checkpoint, stop_of
 from resources.artifact_store import ArtifactRef, ArtifactStore
-from resources.local_torch import LocalTorchBackend
+from resources.backend import TrainingBackendResource
 from resources.training_backend import SamplingParams
 
 
@@ -44,7 +44,7 @@ def teacher_samples_asset(recipe: str, config_cls: type[TeacherSamplesConfig]):
                 "base_model": AssetIn(key=key(recipe, "base_model"))},
            description="The teacher's completions of every training prompt (seeded), with the teacher's per-token "
                        "log-probs; cached by teacher and prompt data versions, the off-policy training set.")
-    def _teacher_samples(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: LocalTorchBackend,
+    def _teacher_samples(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
                          tokenized: ArtifactRef, teacher: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
         if config.env not in ENVS or config.samples_per_prompt < 1 or config.max_tokens < 1 or config.temperature <= 0:
             raise ValueError(f"teacher_samples config: env in {ENVS}, samples_per_prompt, max_tokens >= 1 and "
@@ -87,7 +87,7 @@ def distill_checkpoint_asset(recipe: str, config_cls: type[DistillConfig]):
                 "teacher": AssetIn(key=key(recipe, "teacher")), "teacher_samples": AssetIn(key=key(recipe, "teacher_samples"))},
            description="The student distilled from the teacher: cross-entropy on the teacher's samples (off-policy), "
                        "reverse KL on its own samples scored by the teacher (on-policy), or one then the other.")
-    def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: LocalTorchBackend,
+    def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
                     tokenized: ArtifactRef, base_model: ArtifactRef, teacher: ArtifactRef,
                     teacher_samples: ArtifactRef) -> Output[ArtifactRef]:
         config.check()

@@ -10,7 +10,7 @@ from crucible_assets.evaluation import EvalConfig
 from crucible_assets.preference import DpoConfig, completion_logps, evaluate_preferences, train_dpo
 from crucible_assets.stages import eval_report_asset, key, read_examples, save_checkpoint
 from resources.artifact_store import ArtifactRef, ArtifactStore
-from resources.local_torch import LocalTorchBackend
+from resources.backend import TrainingBackendResource
 
 REF_COLUMNS = ("chosen_logps", "chosen_tokens", "rejected_logps", "rejected_tokens")
 
@@ -25,7 +25,7 @@ def reference_logprobs_asset(recipe: str):
            ins={"tokenized": AssetIn(key=key(recipe, "tokenized")), "base_model": AssetIn(key=key(recipe, "base_model"))},
            description="The frozen starting policy's summed completion log-probs for every pair, computed once per "
                        "starting model and tokenized data; training reads them instead of a second model.")
-    def _reference(context: AssetExecutionContext, store: ArtifactStore, backend: LocalTorchBackend,
+    def _reference(context: AssetExecutionContext, store: ArtifactStore, backend: TrainingBackendResource,
                    tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
         def build(out, _work):
             client = backend.create_training_client(base_model.dir, 0, 0)
@@ -50,7 +50,7 @@ def dpo_checkpoint_asset(recipe: str, config_cls: type[DpoConfig]):
                 "reference_logprobs": AssetIn(key=key(recipe, "reference_logprobs"))},
            description="DPO fine-tune of the starting model against its cached reference log-probs: HF model dir, "
                        "resumable optimizer state, per-step metrics (TRL names) and a loss curve.")
-    def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: LocalTorchBackend,
+    def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
                     tokenized: ArtifactRef, base_model: ArtifactRef, reference_logprobs: ArtifactRef) -> Output[ArtifactRef]:
         config.check()
 

@@ -9,7 +9,7 @@ from crucible_assets.evaluation import EvalConfig
 from crucible_assets.rl import RlConfig, evaluate_rl, train_rl
 from crucible_assets.stages import eval_report_asset, key, read_examples, save_checkpoint, stop_of
 from resources.artifact_store import ArtifactRef, ArtifactStore
-from resources.local_torch import LocalTorchBackend
+from resources.backend import TrainingBackendResource
 
 
 class RlEvalConfig(EvalConfig):
@@ -21,7 +21,7 @@ def rl_checkpoint_asset(recipe: str, config_cls: type[RlConfig]):
            ins={"tokenized": AssetIn(key=key(recipe, "tokenized")), "base_model": AssetIn(key=key(recipe, "base_model"))},
            description="RL with verifiable rewards: groups of sampled answers per problem, group-centered rewards, "
                        "importance-sampling or PPO loss on the sampled tokens; HF model dir, state, metrics, reward curve.")
-    def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: LocalTorchBackend,
+    def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
                     tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
         config.check()
 

@@ -19,9 +19,9 @@ from crucible_assets.supervised import train_supervised
 from crucible_assets.tokenizing import tokenize_splits
 from crucible_assets.training import TrainConfig
 from resources.artifact_store import ArtifactRef, ArtifactStore, hash_tree
+from resources.backend import TrainingBackendResource
 from resources.dataset_sources import DatasetConfig, load_records, split_records, validate_record
 from resources.hf_io import load_tokenizer
-from resources.local_torch import LocalTorchBackend
 from resources.registry import ModelRegistry
 
 EMBEDDED = "embedded"
@@ -165,7 +165,7 @@ def sft_checkpoint_asset(recipe: str, config_cls: type[TrainConfig]):
            ins={"tokenized": AssetIn(key=key(recipe, "tokenized")), "base_model": AssetIn(key=key(recipe, "base_model"))},
            description="Supervised fine-tune (cross-entropy on weighted target tokens): HF model dir, "
                        "resumable optimizer state, per-step metrics.jsonl and a loss curve.")
-    def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: LocalTorchBackend,
+    def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
                     tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
         config.check()
 
@@ -194,7 +194,7 @@ def eval_report_asset(recipe: str, config_cls: type[EvalConfig], evaluate, metri
            ins={"checkpoint": AssetIn(key=key(recipe, "checkpoint")), "tokenized": AssetIn(key=key(recipe, "tokenized")),
                 "base_model": AssetIn(key=key(recipe, "base_model"))},
            description=description)
-    def _eval_report(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: LocalTorchBackend,
+    def _eval_report(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
                      checkpoint: ArtifactRef, tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
         trained_with = store.manifest(checkpoint.fingerprint)
         upstream = {u["key"]: store.lookup(u["fingerprint"]) for u in trained_with["upstream"]}
@@ -248,7 +248,7 @@ def registered_model_asset(recipe: str, lineage_edge: str, metric: str = "test/n
            description="A registry version of the checkpoint: HF-format export with a model card; "
                        "gated by the eval report's blocking check.")
     def _registered_model(context: AssetExecutionContext, store: ArtifactStore, registry: ModelRegistry,
-                          checkpoint: ArtifactRef, eval_report: ArtifactRef) -> Output[ArtifactRef]:
+                          backend: TrainingBackendResource, checkpoint: ArtifactRef, eval_report: ArtifactRef) -> Output[ArtifactRef]:
         report = json.loads((eval_report.dir / "report.json").read_text())
         ckpt_manifest = store.manifest(checkpoint.fingerprint)
         upstream_versions = {u["key"]: u["content_hash"] for u in ckpt_manifest["upstream"]}
@@ -257,9 +257,9 @@ def registered_model_asset(recipe: str, lineage_edge: str, metric: str = "test/n
         edge_source = store.manifest(edge_ref["fingerprint"])["summary"]
 
         def build(out, _work):
-            shutil.copytree(checkpoint.dir / "model", out, dirs_exist_ok=True)
+            exported = backend.export_model(checkpoint.dir / "model", out)
             (out / "README.md").write_text(model_card(recipe, lineage_edge, edge_source, report, upstream_versions))
-            return {metric: report[metric], "model": recipe}
+            return {metric: report[metric], "model": recipe, **exported}
 
         output = cached_artifact(context, store, config={"model": recipe, "metric": metric},
                                  upstream={"checkpoint": checkpoint, "eval_report": eval_report}, build=build)

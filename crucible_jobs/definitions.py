@@ -6,7 +6,7 @@ from crucible_assets.base_assets import BASE_ASSETS
 from crucible_assets.io_manager import ArtifactIOManager
 from crucible_jobs.jobs import RECIPES, recipe_job
 from resources.artifact_store import ArtifactStore
-from resources.local_torch import LocalTorchBackend
+from resources.backend import TrainingBackendResource
 from resources.registry import ModelRegistry
 
 store = ArtifactStore()
@@ -18,7 +18,7 @@ defs = Definitions(
     resources={
         "store": store,
         "registry": ModelRegistry(),
-        "backend": LocalTorchBackend(),
+        "backend": TrainingBackendResource(),
         "io_manager": ArtifactIOManager(store=store),
     },
 )

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from dagster import ConfigurableResource
+from dagster import Config, ConfigurableResource
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
@@ -44,15 +44,17 @@ class Batch:
         return [values_R_L[r, o : o + n] for r, o, n in self.slots]
 
 
-class LocalTorchBackend(ConfigurableResource):
-    """Trains in this process with PyTorch."""
-
+class LocalTorchSettings(Config):
     device: str = Field(default="auto", description="auto | cpu | cuda")
     precision: str = Field(default="auto", description="auto | fp32 | bf16 (autocast, fp32 master weights)")
     micro_batch_size: int = Field(default=0, description="split forward/backward into chunks of this many sequences; 0 = whole batch")
     packing: bool = Field(default=True, description="pack several sequences per row (block-diagonal attention) instead of padding each")
     pack_length: int = Field(default=0, description="row length when packing; 0 = chosen per batch by a compute estimate (1-4x the longest sequence)")
     trust_remote_code: bool = False
+
+
+class LocalTorchBackend(ConfigurableResource, LocalTorchSettings):
+    """Trains in this process with PyTorch."""
 
     def resolved_device(self) -> str:
         if self.device != "auto":
