@@ -4,7 +4,7 @@ samples) or one then the other.
 
 By default the teacher is math_rl's registered model and the student a freshly initialised
 base/tiny_llama_small (a fifth of the teacher's parameters) on the same tokenizer, on
-math_rl's arithmetic questions. `distillation__teacher` and `distillation__base_model` take
+math_rl's one-digit arithmetic questions. `distillation__teacher` and `distillation__base_model` take
 a local HF dir or hub id instead (they must share a tokenizer). Lineage: the registered
 student is `distilled_from` the teacher, whose own lineage reaches its data."""
 
@@ -20,7 +20,7 @@ NAME = "distillation"
 
 
 class DistillDataset(DatasetConfig):
-    generator: str = "arithmetic_problems"
+    generator: str = "one_digit_problems"
     num_examples: int = 2000
 
 
