@@ -16,7 +16,7 @@ STAGES = ["teacher", "base_model", "dataset", "tokenized", "teacher_samples", "c
 SELECTION = [AssetKey(["base", "tokenizer"]), AssetKey(["base", "tiny_llama_small"])] + [AssetKey(["distillation", s]) for s in STAGES]
 
 
-def _run(teacher_dir: str):
+def run_distillation(teacher_dir: str, resources: dict | None = None):
     from crucible_jobs import defs
 
     ops = {
@@ -30,14 +30,15 @@ def _run(teacher_dir: str):
     }
     job = defs.resolve_job_def("distillation")
     with DagsterInstance.get() as instance:
-        return job.execute_in_process(run_config={"ops": ops}, instance=instance, asset_selection=SELECTION,
+        return job.execute_in_process(run_config={"ops": ops, **({"resources": resources} if resources else {})},
+                                      instance=instance, asset_selection=SELECTION,
                                       raise_on_error=False)
 
 
 def test_distillation_from_a_local_teacher_off_then_on(homes):
     run_job("sl_basic", TINY_RUN_CONFIG)
     teacher_dir = ModelRegistry().resolve("sl_basic")["path"]
-    first = _run(teacher_dir)
+    first = run_distillation(teacher_dir)
     store = ArtifactStore()
     teacher = store.manifest(store.latest("distillation/teacher").fingerprint)
     assert teacher["summary"]["source"] == teacher_dir and teacher["upstream"] == []
@@ -60,7 +61,7 @@ def test_distillation_from_a_local_teacher_off_then_on(homes):
         edge = ModelRegistry().resolve("distillation")["lineage"]["distilled_from"]
         assert edge["source"] == teacher_dir
 
-    second = _run(teacher_dir)
+    second = run_distillation(teacher_dir)
     cached = [e.event_specific_data.materialization.metadata["cached"].value
               for e in second.all_events if e.event_type_value == "ASSET_MATERIALIZATION"]
     assert cached and all(cached)

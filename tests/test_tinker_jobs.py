@@ -11,6 +11,7 @@ from conftest import TINY_RUN_CONFIG, run_job
 from resources.artifact_store import ArtifactStore
 from resources.registry import ModelRegistry
 from resources.tinker_backend import API_KEY_ENV, POINTER_FILE
+from test_distillation_job import run_distillation
 from tinker_standin import TinkerStandIn
 
 KEY = "standin-job-key"
@@ -88,3 +89,16 @@ def test_every_recipe_runs_on_tinker(standin):
     for recipe in gated:
         pointer = json.loads((ArtifactStore().latest(f"{recipe}/checkpoint").dir / "model" / POINTER_FILE).read_text())
         assert pointer["lora_rank"] == 32 and pointer["sampler_path"].startswith("tinker://")
+
+
+@pytest.mark.slow
+def test_distillation_runs_on_tinker(standin):
+    """The teacher (sl_basic trained on Tinker, a pointer dir with its downloaded weights)
+    scores the student's samples on the service; the gate decides registration."""
+    assert run_job("sl_basic", TINKER_CONFIG).success
+    teacher_dir = ModelRegistry().resolve("sl_basic")["path"]
+    result = run_distillation(teacher_dir, TINKER_CONFIG["resources"])
+    assert result.success or failed_steps(result) == {"distillation__eval_report_beats_starting_model"}, failed_steps(result)
+    pointer = json.loads((ArtifactStore().latest("distillation/checkpoint").dir / "model" / POINTER_FILE).read_text())
+    assert pointer["sampler_path"].startswith("tinker://")
+    assert standin.calls["compute_logprobs"] > 0 and standin.calls["sample"] > 0
