@@ -18,7 +18,7 @@ from pydantic import Field
 from crucible_assets.evaluation import EvalConfig, bootstrap_ci, paired_report
 from crucible_assets.math_grading import grade
 from crucible_assets.rl import ENVS, greedy_accuracy, rl_datum
-from crucible_assets.training import TrainConfig, layout_metrics, train
+from crucible_assets.training import TrainConfig, layout_metrics, total_steps, train
 from resources.training_backend import Datum, SampledSequence, SamplingParams, TrainingClient
 
 MODES = ("off_policy", "on_policy", "off_then_on")
@@ -96,12 +96,16 @@ def train_distill(
     work_dir: Path,
     log: Callable[[str], None] = print,
 ) -> tuple[list[dict], dict]:
-    """`teacher_samples`: rows of `tokens`, `weights` (1 on the teacher's completion) and
-    `teacher_logprobs` (length len(tokens) - 1), one or more per prompt of `train_rows`."""
-    steps = cfg.max_steps or cfg.num_epochs * -(-len(train_rows) // cfg.batch_size)
+    """`teacher_samples`: rows of `prompt_index` (into `train_rows`), `tokens`, `weights` (1 on
+    the teacher's completion) and `teacher_logprobs` (length len(tokens) - 1), one or more
+    per prompt. Batches are drawn over prompts; a prompt with k samples serves them in turn."""
+    steps = total_steps(cfg, len(train_rows))
+    by_prompt: dict[int, list[dict]] = {}
+    for sample in teacher_samples:
+        by_prompt.setdefault(sample["prompt_index"], []).append(sample)
 
-    def off_policy_step(indices: list[int]) -> dict:
-        batch = [teacher_samples[i % len(teacher_samples)] for i in indices]
+    def off_policy_step(step_no: int, indices: list[int]) -> dict:
+        batch = [by_prompt[i][step_no % len(by_prompt[i])] for i in indices if i in by_prompt]
         total_weight = sum(sum(r["weights"][1:]) for r in batch)
         data = [Datum.from_sequence(r["tokens"], [w / total_weight for w in r["weights"]]) for r in batch]
         fb = student.forward_backward(data, "cross_entropy")
@@ -130,7 +134,7 @@ def train_distill(
 
     def step(step_no: int, indices: list[int]) -> dict:
         on = cfg.on_policy_at(step_no, steps)
-        return {"on_policy": int(on), **(on_policy_step(step_no, indices) if on else off_policy_step(indices))}
+        return {"on_policy": int(on), **(on_policy_step(step_no, indices) if on else off_policy_step(step_no, indices))}
 
     eval_rows = test_rows[: cfg.eval_problems]
 

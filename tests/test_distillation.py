@@ -122,9 +122,10 @@ def test_distill_steps_are_deterministic_and_report_teacher_kl(tiny, tmp_path, m
         r = Renderer(student.tokenizer, 64, "last_assistant_message", "chat_template")
         rows = [problem_row(r, p, lambda: "x")[0] for p in arithmetic_problems(12, 3)]
         samples = []
-        for row in rows:
+        for i, row in enumerate(rows[:-2]):  # the last two prompts have no teacher sample: skipped off-policy
             tokens = list(row["prompt_tokens"]) + student.tokenizer.encode(f"{row['reference']}<|im_end|>", add_special_tokens=False)
-            samples.append({"tokens": tokens, "weights": [0.0] * len(row["prompt_tokens"]) + [1.0] * (len(tokens) - len(row["prompt_tokens"]))})
+            samples.append({"prompt_index": i, "tokens": tokens,
+                            "weights": [0.0] * len(row["prompt_tokens"]) + [1.0] * (len(tokens) - len(row["prompt_tokens"]))})
         for s, lp in zip(samples, teacher.compute_logprobs([s["tokens"] for s in samples])):
             s["teacher_logprobs"] = lp
         cfg = DistillConfig(mode=mode, max_steps=4, batch_size=4, group_size=2, max_tokens=6, eval_every=4, save_every=2,
