@@ -213,7 +213,11 @@ class ArtifactStore(ConfigurableResource):
         path = self._ref_path(key)
         if not path.exists():
             raise FileNotFoundError(f"asset {key} has not been materialized in {self.base}")
-        return ArtifactRef.model_validate_json(path.read_text())
+        stored = ArtifactRef.model_validate_json(path.read_text())
+        # the object's place is derived from this store, never taken from the file: a moved
+        # or copied CRUCIBLE_HOME still reads its own bytes, and a ref edited to point
+        # elsewhere cannot make a reader load files outside the store
+        return stored.model_copy(update={"path": str(self.base / "objects" / stored.content_hash)})
 
     def latest_verified(self, key: str) -> ArtifactRef:
         ref = self.latest(key)

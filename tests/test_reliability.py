@@ -215,14 +215,13 @@ def assert_fails_and_changes_nothing(crucible: Path, job: str, config: dict, exp
 
 
 def test_bad_inputs_through_every_recipe_job_change_nothing(populated, huge_line):
-    """Every record case through its recipes' jobs; every file case through one job per
-    input format. The dataset asset is the job's only selected stage, so nothing
-    upstream could legitimately write either."""
+    """Every record case through each of its recipes' jobs; every file case through
+    sl_basic's (the file layer is shared; the loader tests above run it for all five).
+    The dataset asset is the only selected stage, so nothing else could write either."""
     crucible, _ = populated
     assert (crucible / "registry" / "registry.json").exists()
     runs = [(recipe, CORPUS / c[1], record_expectations(c)[1]) for c in RECORD_CASES for recipe in c[0]]
-    runs += [(recipe, corpus_file(n, huge_line), file_expectations(n, corpus_file(n, huge_line)))
-             for recipe in ("sl_basic", "dpo", "math_rl") for n, _ in FILE_CASES]
+    runs += [("sl_basic", corpus_file(n, huge_line), file_expectations(n, corpus_file(n, huge_line))) for n, _ in FILE_CASES]
     for recipe, path, expected in runs:
         config = with_op_config(f"{recipe}__dataset", **dataset_config(path))
         assert_fails_and_changes_nothing(crucible, recipe, config, expected, [AssetKey([recipe, "dataset"])])
@@ -309,6 +308,16 @@ def test_open_verified_refuses_missing_and_extra_files(tmp_path):
     (ref.dir / "extra.bin").write_bytes(b"planted")
     with pytest.raises(IntegrityError, match="extra.bin, f.txt"):
         store.open_verified(ref)
+
+
+def test_a_ref_cannot_point_outside_the_store(tmp_path):
+    store = ArtifactStore(root=str(tmp_path / "store"))
+    ref = store.write("x/y", "a" * 32, lambda out: (out / "f.txt").write_text("hello") and None, {})
+    store.set_latest(ref.model_copy(update={"path": str(tmp_path / "elsewhere")}))
+    assert store.latest("x/y").dir == tmp_path / "store" / "objects" / ref.content_hash
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / "store", moved)
+    assert ArtifactStore(root=str(moved)).latest_verified("x/y").dir == moved / "objects" / ref.content_hash
 
 
 # -- security -------------------------------------------------------------------------------------
