@@ -62,7 +62,7 @@ class IntegrityError(RuntimeError):
 # Names that become paths under the store: an asset key is slash-separated segments of
 # word characters, dots and dashes (no `..`, no absolute path); hashes are lowercase hex.
 _KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
-_HEX = re.compile(r"[0-9a-f]{16,64}")
+_HEX = re.compile(r"[0-9a-f]{1,64}")
 
 
 def check_key(key: str) -> str:
