@@ -47,6 +47,7 @@ def cached_artifact(
     cached = ref is not None
     if cached:
         context.log.info(f"cache hit for {key}: fingerprint {fp}, data version {ref.content_hash}")
+        store.open_verified(ref)  # a hit hands these bytes downstream; never corrupt ones
     else:
         record = {
             "code_version": code_version,

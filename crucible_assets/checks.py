@@ -52,7 +52,7 @@ def _row(split: str, r: dict) -> dict:
 
 
 def record_frame(store: ArtifactStore, recipe: str) -> pd.DataFrame:
-    ref = store.latest(key(recipe, "dataset").to_user_string())
+    ref = store.latest_verified(key(recipe, "dataset").to_user_string())
     rows = [_row(split, json.loads(line)) for split in ("train", "test")
             for line in (ref.dir / f"{split}.jsonl").read_text().splitlines()]
     return pd.DataFrame(rows, columns=list(dict.fromkeys(COLUMNS + [k for r in rows[:1] for k in r])))
@@ -115,7 +115,7 @@ def eval_gate_check(recipe: str, delta: str = "test/nll_delta", higher_is_better
     @asset_check(asset=key(recipe, "eval_report"), name="beats_starting_model", blocking=True,
                  description=f"The 95% CI of {delta} (trained - start) lies entirely {direction} zero.")
     def _gate(store: ArtifactStore) -> AssetCheckResult:
-        ref = store.latest(key(recipe, "eval_report").to_user_string())
+        ref = store.latest_verified(key(recipe, "eval_report").to_user_string())
         report = json.loads((ref.dir / "report.json").read_text())
         lo, hi = report[f"{delta}_ci"]
         return AssetCheckResult(passed=lo > 0 if higher_is_better else hi < 0,
@@ -129,7 +129,7 @@ def length_check(recipe: str):
     @asset_check(asset=key(recipe, "tokenized"), name="length_distribution",
                  description="Token-length percentiles per split; warns when any example was truncated to max_length.")
     def _lengths(store: ArtifactStore) -> AssetCheckResult:
-        ref = store.latest(key(recipe, "tokenized").to_user_string())
+        ref = store.latest_verified(key(recipe, "tokenized").to_user_string())
         summary = store.manifest(ref.fingerprint)["summary"]
         truncated = summary["train_truncated"] + summary["test_truncated"]
         metadata = {f"{split}_{p}": v for split in ("train", "test") for p, v in summary[f"{split}_length_percentiles"].items()}

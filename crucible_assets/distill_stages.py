@@ -90,7 +90,7 @@ def distill_checkpoint_asset(recipe: str, config_cls: type[DistillConfig]):
     def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
                     tokenized: ArtifactRef, base_model: ArtifactRef, teacher: ArtifactRef,
                     teacher_samples: ArtifactRef) -> Output[ArtifactRef]:
-        config.check()
+        config.check(context.asset_key.to_user_string())
 
         def build(out, work):
             student = backend.create_training_client(base_model.dir, config.lora_rank, config.seed)

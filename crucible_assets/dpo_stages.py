@@ -52,7 +52,7 @@ def dpo_checkpoint_asset(recipe: str, config_cls: type[DpoConfig]):
                        "resumable optimizer state, per-step metrics (TRL names) and a loss curve.")
     def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
                     tokenized: ArtifactRef, base_model: ArtifactRef, reference_logprobs: ArtifactRef) -> Output[ArtifactRef]:
-        config.check()
+        config.check(context.asset_key.to_user_string())
 
         def build(out, work):
             client = backend.create_training_client(base_model.dir, config.lora_rank, config.seed)

@@ -23,7 +23,7 @@ def rl_checkpoint_asset(recipe: str, config_cls: type[RlConfig]):
                        "importance-sampling or PPO loss on the sampled tokens; HF model dir, state, metrics, reward curve.")
     def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
                     tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
-        config.check()
+        config.check(context.asset_key.to_user_string())
 
         def build(out, work):
             client = backend.create_training_client(base_model.dir, config.lora_rank, config.seed)

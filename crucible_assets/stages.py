@@ -21,7 +21,7 @@ from crucible_assets.training import TrainConfig
 from resources.artifact_store import ArtifactRef, ArtifactStore, hash_tree
 from resources.backend import TrainingBackendResource
 from resources.dataset_sources import DatasetConfig, load_records, split_records, validate_record
-from resources.hf_io import load_tokenizer
+from resources.hf_io import check_safetensors, load_tokenizer
 from resources.registry import ModelRegistry
 
 EMBEDDED = "embedded"
@@ -66,6 +66,7 @@ def base_model_asset(recipe: str, start_from: str | None = None, stage: str = "b
             source = start.dir
         elif Path(config.base_model).is_dir():
             source = Path(config.base_model)
+            check_safetensors(source)  # refuse a pickle checkpoint before it is snapshotted
         else:
             from huggingface_hub import snapshot_download
 
@@ -120,7 +121,7 @@ def tokenized_asset(recipe: str, config_cls: type[TokenizeConfig], kind: str = "
     def _tokenized(context: AssetExecutionContext, config: config_cls, store: ArtifactStore,
                    dataset: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
         if config.max_length < 2:
-            raise ValueError(f"tokenize config: max_length must be >= 2, got {config.max_length}")
+            raise ValueError(f"{context.asset_key.to_user_string()} config: max_length must be >= 2, got {config.max_length}")
 
         def build(out, _work):
             tok = load_tokenizer(base_model.dir)
@@ -167,7 +168,7 @@ def sft_checkpoint_asset(recipe: str, config_cls: type[TrainConfig]):
                        "resumable optimizer state, per-step metrics.jsonl and a loss curve.")
     def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
                     tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
-        config.check()
+        config.check(context.asset_key.to_user_string())
 
         def build(out, work):
             pairs = lambda split: [(r["tokens"], r["weights"]) for r in read_examples(tokenized, split)]  # noqa: E731
@@ -198,6 +199,8 @@ def eval_report_asset(recipe: str, config_cls: type[EvalConfig], evaluate, metri
                      checkpoint: ArtifactRef, tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
         trained_with = store.manifest(checkpoint.fingerprint)
         upstream = {u["key"]: store.lookup(u["fingerprint"]) for u in trained_with["upstream"]}
+        for name in extra_models:
+            store.open_verified(upstream[f"{recipe}/{name}"])
 
         def build(out, _work):
             start = backend.create_training_client(base_model.dir, 0, config.seed)

@@ -57,9 +57,10 @@ class TrainConfig(Config):
             found.append(f"lr_schedule must be constant, linear or cosine, got {self.lr_schedule!r}")
         return found
 
-    def check(self) -> None:
+    def check(self, where: str = "training") -> None:
+        """`where` names the asset whose config this is, so the error points at the op to fix."""
         if found := self.problems():
-            raise ValueError("training config: " + "; ".join(found))
+            raise ValueError(f"{where} config: " + "; ".join(found))
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:

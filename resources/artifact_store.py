@@ -16,16 +16,18 @@ is a cache hit: the caller gets the stored ref and does no work.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 from dagster import ConfigurableResource
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from resources.home import crucible_home
 
@@ -38,6 +40,16 @@ class ArtifactRef(BaseModel):
     content_hash: str
     path: str
 
+    @field_validator("key")
+    @classmethod
+    def _safe_key(cls, v: str) -> str:
+        return check_key(v)
+
+    @field_validator("fingerprint", "content_hash")
+    @classmethod
+    def _safe_hash(cls, v: str, info) -> str:
+        return check_hex(v, info.field_name)
+
     @property
     def dir(self) -> Path:
         return Path(self.path)
@@ -45,6 +57,26 @@ class ArtifactRef(BaseModel):
 
 class IntegrityError(RuntimeError):
     pass
+
+
+# Names that become paths under the store: an asset key is slash-separated segments of
+# word characters, dots and dashes (no `..`, no absolute path); hashes are lowercase hex.
+_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
+_HEX = re.compile(r"[0-9a-f]{1,64}")
+
+
+def check_key(key: str) -> str:
+    """An asset key safe to use as a path under the store, or ValueError naming it."""
+    if not isinstance(key, str) or not _KEY.fullmatch(key) or ".." in key.split("/"):
+        raise ValueError(f"asset key {key!r} is not a plain relative name (letters, digits, _ . - and /); "
+                         "it could escape the store")
+    return key
+
+
+def check_hex(name: str, what: str) -> str:
+    if not isinstance(name, str) or not _HEX.fullmatch(name):
+        raise ValueError(f"{what} {name!r} is not a hex digest; it could escape the store")
+    return name
 
 
 def canonical_json(obj: Any) -> str:
@@ -78,11 +110,15 @@ def hash_tree(root: Path) -> tuple[str, dict[str, str]]:
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a kill between open and rename leaves no debris
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class ArtifactStore(ConfigurableResource):
@@ -95,10 +131,10 @@ class ArtifactStore(ConfigurableResource):
         return Path(self.root) if self.root else crucible_home() / "store"
 
     def _manifest_path(self, fp: str) -> Path:
-        return self.base / "manifests" / f"{fp}.json"
+        return self.base / "manifests" / f"{check_hex(fp, 'fingerprint')}.json"
 
     def _ref_path(self, key: str) -> Path:
-        return self.base / "refs" / f"{key}.json"
+        return self.base / "refs" / f"{check_key(key)}.json"
 
     def lookup(self, fp: str) -> ArtifactRef | None:
         path = self._manifest_path(fp)
@@ -122,7 +158,7 @@ class ArtifactStore(ConfigurableResource):
         return json.loads(path.read_text())
 
     def work_dir(self, fp: str) -> Path:
-        path = self.base / "work" / fp
+        path = self.base / "work" / check_hex(fp, "fingerprint")
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -139,16 +175,22 @@ class ArtifactStore(ConfigurableResource):
         record: dict,
     ) -> ArtifactRef:
         """Build an artifact in staging, then publish it; `build` may return a summary dict."""
+        check_key(key)
+        self._manifest_path(fp)  # refuses an unsafe fingerprint before any work
         staging = self.staging_dir()
         try:
             summary = build(staging) or {}
             content_hash, files = hash_tree(staging)
             obj = self.base / "objects" / content_hash
             obj.parent.mkdir(parents=True, exist_ok=True)
-            if obj.exists():  # same bytes from another fingerprint: keep the first copy
-                shutil.rmtree(staging)
-            else:
+            try:
                 os.rename(staging, obj)
+            except OSError as e:
+                # same bytes already published (by another fingerprint, or by a concurrent
+                # materialization of this one): keep the first copy, drop ours
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not obj.is_dir():
+                    raise
+                shutil.rmtree(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -171,7 +213,16 @@ class ArtifactStore(ConfigurableResource):
         path = self._ref_path(key)
         if not path.exists():
             raise FileNotFoundError(f"asset {key} has not been materialized in {self.base}")
-        return ArtifactRef.model_validate_json(path.read_text())
+        stored = ArtifactRef.model_validate_json(path.read_text())
+        # the object's place is derived from this store, never taken from the file: a moved
+        # or copied CRUCIBLE_HOME still reads its own bytes, and a ref edited to point
+        # elsewhere cannot make a reader load files outside the store
+        return stored.model_copy(update={"path": str(self.base / "objects" / stored.content_hash)})
+
+    def latest_verified(self, key: str) -> ArtifactRef:
+        ref = self.latest(key)
+        self.open_verified(ref)
+        return ref
 
     def verify(self, ref: ArtifactRef) -> list[str]:
         """Files whose bytes no longer match the manifest (missing, extra or changed)."""
@@ -182,6 +233,8 @@ class ArtifactStore(ConfigurableResource):
         return sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
 
     def open_verified(self, ref: ArtifactRef) -> Path:
+        """The artifact's directory, after every file's bytes matched the manifest; otherwise
+        IntegrityError naming each file that differs, so corrupt bytes are never loaded."""
         bad = self.verify(ref)
         if bad:
             raise IntegrityError(

@@ -15,6 +15,9 @@ from pydantic import Field
 from crucible_assets.synthetic import GENERATORS
 
 ROLES = {"system", "user", "assistant", "tool"}
+# No single training example is this large; a line longer than this is a wrong file (or a
+# missing newline), and reading it whole could exhaust memory, so it is refused unread.
+MAX_RECORD_BYTES = 16 << 20
 
 
 class DatasetError(ValueError):
@@ -61,7 +64,10 @@ def _read_jsonl(cfg: DatasetConfig) -> Iterable[tuple[str, Any]]:
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
     with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, line in enumerate(iter(lambda: f.readline(MAX_RECORD_BYTES + 1), b""), 1):
+            if len(line) > MAX_RECORD_BYTES:
+                raise DatasetError(f"{path}: line {lineno}: record longer than {MAX_RECORD_BYTES >> 20} MiB; "
+                                   "is this a JSONL file with one record per line?")
             if not line.strip():
                 continue
             try:

@@ -63,6 +63,12 @@ def validate_pair(record: Any, origin: str, where: str) -> dict | None:
             raise DatasetError(str(e).replace("field 'messages", f"field '{field}")) from None
         if pair[field][-1]["role"] != "assistant":
             raise fail(field, "the last message must be the assistant's reply")
+    # caught here rather than only by the blocking checks, which run after the dataset is stored
+    if pair["chosen"][:-1] != pair["rejected"][:-1]:
+        raise fail("rejected", "its prompt (every message before the last) differs from chosen's; "
+                               "a pair must share the prompt and differ only in the reply")
+    if pair["chosen"][-1]["content"].strip() == pair["rejected"][-1]["content"].strip():
+        raise fail("rejected", "the reply is identical to the chosen one; a pair must prefer one reply over another")
     return pair
 
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from crucible_assets.math_grading import gsm8k_reference, last_boxed
@@ -33,6 +34,8 @@ def validate_problem(record: Any, origin: str, where: str) -> dict:
             if name not in record:
                 raise fail(name, "missing")
         question, answer = record["question"], record["answer"]
+        if isinstance(answer, float) and not math.isfinite(answer):
+            raise fail("answer", f"expected a finite number, got {answer}")
         if isinstance(answer, (int, float)) and not isinstance(answer, bool):
             answer = str(answer)
         if not isinstance(answer, str):

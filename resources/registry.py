@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import getpass
 import json
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,17 @@ from pydantic import Field
 
 from resources.artifact_store import atomic_write_text
 from resources.home import crucible_home
+
+
+# A model name is one plain word: no path separators, no `@` or `:` (those select an alias
+# or a version in a spec), so no name can address anything but its own registry entry.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"model name {name!r} is not a plain name (letters, digits, _ . -)")
+    return name
 
 
 class ModelRegistry(ConfigurableResource):
@@ -46,11 +58,13 @@ class ModelRegistry(ConfigurableResource):
         return self._read()["models"]
 
     def find(self, name: str, fingerprint: str) -> dict | None:
+        check_name(name)
         model = self.models().get(name, {"versions": []})
         return next((v for v in model["versions"] if v["fingerprint"] == fingerprint), None)
 
     def register(self, name: str, entry: dict, metric: str, lower_is_better: bool = True) -> dict:
         """Add a version (idempotent per fingerprint); `champion` moves only on a better metric."""
+        check_name(name)
         with self._locked() as data:
             model = data["models"].setdefault(name, {"versions": [], "aliases": {}})
             existing = next((v for v in model["versions"] if v["fingerprint"] == entry["fingerprint"]), None)
@@ -74,7 +88,10 @@ class ModelRegistry(ConfigurableResource):
             name, alias = spec.split("@", 1)
         elif ":" in spec:
             name, num = spec.split(":", 1)
+            if not num.isdigit():
+                raise KeyError(f"model spec {spec!r}: version {num!r} is not a number")
             number = int(num)
+        check_name(name)
         model = self.models().get(name)
         if model is None:
             raise KeyError(f"no registered model named {name!r} in {self.base}")
