@@ -69,3 +69,14 @@ def env_with(**extra) -> dict:
     env = dict(os.environ)
     env.update(extra)
     return env
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """One tiny model on the base tokenizer, built once for every unit test that trains."""
+    from crucible_assets.base_models import build_tiny_llama, train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    train_tokenizer(root / "tok", 1024, 0)
+    build_tiny_llama(root / "tok", root / "model", 64, 2, 4, 128, 256, 0)
+    return root / "model"

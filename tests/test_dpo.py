@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from crucible_assets.base_models import build_tiny_llama, train_tokenizer
 from crucible_assets.checks import _row, validate
 from crucible_assets.preference import DpoConfig, dpo_loss, reward_metrics, train_dpo
 from crucible_assets.synthetic import arithmetic_pairs
@@ -68,14 +67,6 @@ def test_sigmoid_loss_hand_computed():
     losses, chosen, rejected = dpo_loss(t(0.0), t(-1.0), t(0.0), t(0.0), 1.0, "sigmoid")
     assert losses.item() == pytest.approx(np.log1p(np.exp(-1.0)), abs=1e-12)
     assert chosen.item() == 0.0 and rejected.item() == -1.0
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dpo")
-    train_tokenizer(root / "tok", 1024, 0)
-    build_tiny_llama(root / "tok", root / "model", 64, 2, 4, 128, 256, 0)
-    return root / "model"
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from crucible_assets.base_models import build_tiny_llama, train_tokenizer
 from crucible_assets.math_grading import grade, last_boxed, math_equal
 from crucible_assets.rl import RlConfig, group_advantages, rl_datum, train_rl
 from crucible_assets.synthetic import arithmetic_problems
@@ -109,14 +108,6 @@ def test_problem_loaders(tmp_path):
 def test_rl_config_errors(overrides, needle):
     with pytest.raises(ValueError, match=needle):
         RlConfig(**overrides).check()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rl")
-    train_tokenizer(root / "tok", 1024, 0)
-    build_tiny_llama(root / "tok", root / "model", 64, 2, 4, 128, 256, 0)
-    return root / "model"
 
 
 def _rows(tok, n):
