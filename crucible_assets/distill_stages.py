@@ -82,7 +82,7 @@ def teacher_samples_asset(recipe: str, config_cls: type[TeacherSamplesConfig]):
 
 
 def distill_checkpoint_asset(recipe: str, config_cls: type[DistillConfig]):
-    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="2", kinds={"pytorch", "huggingface"},
+    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="3", kinds={"pytorch", "huggingface"},
            ins={"tokenized": AssetIn(key=key(recipe, "tokenized")), "base_model": AssetIn(key=key(recipe, "base_model")),
                 "teacher": AssetIn(key=key(recipe, "teacher")), "teacher_samples": AssetIn(key=key(recipe, "teacher_samples"))},
            description="The student distilled from the teacher: cross-entropy on the teacher's samples (off-policy), "

@@ -45,7 +45,7 @@ def reference_logprobs_asset(recipe: str):
 
 
 def dpo_checkpoint_asset(recipe: str, config_cls: type[DpoConfig]):
-    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="1", kinds={"pytorch", "huggingface"},
+    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="2", kinds={"pytorch", "huggingface"},
            ins={"tokenized": AssetIn(key=key(recipe, "tokenized")), "base_model": AssetIn(key=key(recipe, "base_model")),
                 "reference_logprobs": AssetIn(key=key(recipe, "reference_logprobs"))},
            description="DPO fine-tune of the starting model against its cached reference log-probs: HF model dir, "

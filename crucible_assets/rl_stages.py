@@ -17,7 +17,7 @@ class RlEvalConfig(EvalConfig):
 
 
 def rl_checkpoint_asset(recipe: str, config_cls: type[RlConfig]):
-    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="1", kinds={"pytorch", "huggingface"},
+    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="2", kinds={"pytorch", "huggingface"},
            ins={"tokenized": AssetIn(key=key(recipe, "tokenized")), "base_model": AssetIn(key=key(recipe, "base_model"))},
            description="RL with verifiable rewards: groups of sampled answers per problem, group-centered rewards, "
                        "importance-sampling or PPO loss on the sampled tokens; HF model dir, state, metrics, reward curve.")

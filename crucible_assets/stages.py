@@ -94,8 +94,10 @@ def base_model_asset(recipe: str, start_from: str | None = None, stage: str = "b
 
 def dataset_asset(recipe: str, config_cls: type[DatasetConfig], validate=validate_record):
     """`validate` normalizes each source record (conversations and documents by default)."""
-    @asset(key=key(recipe, "dataset"), group_name=recipe, code_version="1", kinds={"json"},
-           description="Raw records from the configured source, validated, with a seeded held-out split.")
+    @asset(key=key(recipe, "dataset"), group_name=recipe, code_version="1", kinds={"json", "great_expectations"},
+           description="The training records, read from the configured source (a generated task, a local JSONL/Parquet "
+                       "file or a hub dataset), validated, split into train and held-out test. Great Expectations "
+                       "checks block the rest of the recipe when the data are malformed.")
     def _dataset(context: AssetExecutionContext, config: config_cls, store: ArtifactStore) -> Output[ArtifactRef]:
         records = load_records(config, validate)  # raises on bad input before anything is written
         train, test = split_records(records, config.test_fraction, config.seed)
@@ -138,14 +140,16 @@ def read_examples(tokenized: ArtifactRef, split: str) -> list[dict]:
 
 
 def save_checkpoint(client, out: Path, rows: list[dict], telemetry: dict, loss_key: str, eval_key: str) -> dict:
-    """Sampler weights (HF dir), resumable state, per-step metrics and the loss curve."""
+    """Sampler weights (HF dir), resumable state, per-step metrics, the loss curve and, when
+    the rows carry them, reward and KL curves."""
     client.save_weights_for_sampler(out / "model")
     client.save_state(out / "state")
     (out / "metrics.jsonl").write_text(_jsonl(rows))
     plots.loss_curve(rows, out / "loss_curve.png", loss_key, eval_key)
+    extra = plots.extra_curves(rows, out)
     final_eval = {k: v for k, v in [r for r in rows if eval_key in r][-1].items() if k.startswith("test/")}
     return {"steps": len(rows), loss_key: rows[-1][loss_key], **final_eval,
-            "train_tokens": sum(r["num_tokens"] for r in rows), **telemetry, "plots": ["loss_curve.png"]}
+            "train_tokens": sum(r["num_tokens"] for r in rows), **telemetry, "plots": ["loss_curve.png", *extra]}
 
 
 def write_report(out: Path, report: dict, metric: str, ylabel: str) -> dict:
