@@ -13,9 +13,10 @@ from crucible_assets.distillation import DistillConfig, evaluate_distill, train_
 from crucible_assets.evaluation import EvalConfig
 from crucible_assets.math_grading import grade
 from crucible_assets.rl import ENVS
-from crucible_assets.stages import eval_report_asset, key, read_examples, save_checkpoint, stop_of
+from crucible_assets.stages import eval_report_asset, key, read_examples, save_checkpoint, stop_of, tracked
 from resources.artifact_store import ArtifactRef, ArtifactStore
 from resources.backend import TrainingBackendResource
+from resources.tracking import TrackingResource
 from resources.training_backend import SamplingParams
 
 
@@ -88,7 +89,7 @@ def distill_checkpoint_asset(recipe: str, config_cls: type[DistillConfig]):
            description="The student distilled from the teacher: cross-entropy on the teacher's samples (off-policy), "
                        "reverse KL on its own samples scored by the teacher (on-policy), or one then the other.")
     def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
-                    tokenized: ArtifactRef, base_model: ArtifactRef, teacher: ArtifactRef,
+                    tracking: TrackingResource, tokenized: ArtifactRef, base_model: ArtifactRef, teacher: ArtifactRef,
                     teacher_samples: ArtifactRef) -> Output[ArtifactRef]:
         config.check(context.asset_key.to_user_string())
 
@@ -101,10 +102,11 @@ def distill_checkpoint_asset(recipe: str, config_cls: type[DistillConfig]):
                                             read_examples(tokenized, "test"), config, stop_of(tokenized), work, context.log.info)
             return save_checkpoint(student, out, rows, telemetry, "distill_loss", "test/teacher_kl")
 
-        return cached_artifact(context, store, config=config.model_dump(),
-                               upstream={"tokenized": tokenized, "base_model": base_model, "teacher": teacher,
-                                         "teacher_samples": teacher_samples},
-                               build=build, backend=backend.identity())
+        output = cached_artifact(context, store, config=config.model_dump(),
+                                 upstream={"tokenized": tokenized, "base_model": base_model, "teacher": teacher,
+                                           "teacher_samples": teacher_samples},
+                                 build=build, backend=backend.identity())
+        return tracked(context, store, tracking, output)
 
     return _checkpoint
 

@@ -23,6 +23,7 @@ from resources.backend import TrainingBackendResource
 from resources.dataset_sources import DatasetConfig, load_records, split_records, validate_record
 from resources.hf_io import check_safetensors, load_tokenizer
 from resources.registry import ModelRegistry
+from resources.tracking import TrackingResource
 
 EMBEDDED = "embedded"
 
@@ -161,6 +162,12 @@ def write_report(out: Path, report: dict, metric: str, ylabel: str) -> dict:
     return {k: v for k, v in report.items() if k != "samples"} | {"plots": ["comparison.png"]}
 
 
+def tracked(context: AssetExecutionContext, store: ArtifactStore, tracking: TrackingResource, output: Output) -> Output:
+    """Hands a checkpoint to the enabled tracking sinks (MLflow, TensorBoard), trained now or cached."""
+    tracking.record_checkpoint(output.value, store.manifest(output.value.fingerprint), context.log.info)
+    return output
+
+
 def stop_of(tokenized: ArtifactRef) -> list[str]:
     return json.loads((tokenized.dir / "render.json").read_text())["stop"]
 
@@ -171,7 +178,7 @@ def sft_checkpoint_asset(recipe: str, config_cls: type[TrainConfig]):
            description="Supervised fine-tune (cross-entropy on weighted target tokens): HF model dir, "
                        "resumable optimizer state, per-step metrics.jsonl and a loss curve.")
     def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
-                    tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
+                    tracking: TrackingResource, tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
         config.check(context.asset_key.to_user_string())
 
         def build(out, work):
@@ -180,9 +187,10 @@ def sft_checkpoint_asset(recipe: str, config_cls: type[TrainConfig]):
             rows, telemetry = train_supervised(client, pairs("train"), pairs("test"), config, work, context.log.info)
             return save_checkpoint(client, out, rows, telemetry, "train_mean_nll", "test/nll")
 
-        return cached_artifact(context, store, config=config.model_dump(),
-                               upstream={"tokenized": tokenized, "base_model": base_model},
-                               build=build, backend=backend.identity())
+        output = cached_artifact(context, store, config=config.model_dump(),
+                                 upstream={"tokenized": tokenized, "base_model": base_model},
+                                 build=build, backend=backend.identity())
+        return tracked(context, store, tracking, output)
 
     return _checkpoint
 
@@ -255,7 +263,8 @@ def registered_model_asset(recipe: str, lineage_edge: str, metric: str = "test/n
            description="A registry version of the checkpoint: HF-format export with a model card; "
                        "gated by the eval report's blocking check.")
     def _registered_model(context: AssetExecutionContext, store: ArtifactStore, registry: ModelRegistry,
-                          backend: TrainingBackendResource, checkpoint: ArtifactRef, eval_report: ArtifactRef) -> Output[ArtifactRef]:
+                          backend: TrainingBackendResource, tracking: TrackingResource, checkpoint: ArtifactRef,
+                          eval_report: ArtifactRef) -> Output[ArtifactRef]:
         report = json.loads((eval_report.dir / "report.json").read_text())
         ckpt_manifest = store.manifest(checkpoint.fingerprint)
         upstream_versions = {u["key"]: u["content_hash"] for u in ckpt_manifest["upstream"]}
@@ -279,6 +288,7 @@ def registered_model_asset(recipe: str, lineage_edge: str, metric: str = "test/n
                         "datasets": {k: v for k, v in upstream_versions.items() if k != edge_key}},
             "run_id": context.run_id,
         }, metric=metric, lower_is_better=lower_is_better)
+        tracking.link_registration(checkpoint, entry, recipe)
         return Output(ref, data_version=output.data_version, metadata={**output.metadata, "registry_version": entry["version"]})
 
     return _registered_model

@@ -8,6 +8,7 @@ from crucible_jobs.jobs import RECIPES, recipe_job
 from resources.artifact_store import ArtifactStore
 from resources.backend import TrainingBackendResource
 from resources.registry import ModelRegistry
+from resources.tracking import TrackingResource
 
 # Shown on every asset in the UI: who to ask about a recipe's outputs.
 OWNERS = ["team:post-training"]
@@ -23,6 +24,7 @@ defs = Definitions(
         "store": store,
         "registry": ModelRegistry(),
         "backend": TrainingBackendResource(),
+        "tracking": TrackingResource(),  # MLflow / TensorBoard sinks, off unless run config turns them on
         "io_manager": ArtifactIOManager(store=store),
     },
 )
