@@ -30,7 +30,7 @@ def comparison_table(summary: dict) -> MetadataValue | None:
     rows = comparison_rows(summary)
     if not rows:
         return None
-    return MetadataValue.table(records=[TableRecord({k: v for k, v in r.items() if v is not None}) for r in rows],
+    return MetadataValue.table(records=[TableRecord(r) for r in rows],
                                schema=COMPARISON_SCHEMA)
 
 
