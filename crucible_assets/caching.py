@@ -60,5 +60,6 @@ def cached_artifact(
             "packages": package_versions(),
         }
         ref = store.write(key, fp, lambda out: build(out, store.work_dir(fp)), record)
-    summary = store.manifest(fp)["summary"]
-    return Output(ref, data_version=DataVersion(ref.content_hash), metadata=to_metadata(ref, summary, cached))
+    manifest = store.manifest(fp)
+    return Output(ref, data_version=DataVersion(ref.content_hash),
+                  metadata=to_metadata(ref, manifest["summary"], cached, manifest["code_version"]))

@@ -39,8 +39,10 @@ def png_markdown(path: Path) -> MetadataValue:
     return MetadataValue.md(f"![{path.name}](data:image/png;base64,{png})")
 
 
-def to_metadata(ref: ArtifactRef, summary: dict, cached: bool) -> dict[str, Any]:
+def to_metadata(ref: ArtifactRef, summary: dict, cached: bool, code_version: str) -> dict[str, Any]:
+    """`code_version`: the asset code version that built these bytes (a cache hit's may be older)."""
     meta: dict[str, Any] = {
+        "code_version": code_version,
         "data_version": ref.content_hash,
         "fingerprint": ref.fingerprint,
         "path": MetadataValue.path(ref.path),

@@ -17,7 +17,7 @@ REPORT = {"test/nll": 1.5, "test/nll_ci": (1.4, 1.6), "start/test/nll": 2.0, "st
 def test_eval_report_metadata_has_a_comparison_table_numbers_and_paths(tmp_path):
     (tmp_path / "report.md").write_text("# r\n")
     ref = ArtifactRef(key="x/eval_report", fingerprint="f" * 32, content_hash="c" * 64, path=str(tmp_path))
-    meta = to_metadata(ref, REPORT, cached=False)
+    meta = to_metadata(ref, REPORT, cached=False, code_version="2")
     table = meta["eval_table"]
     assert isinstance(table, TableMetadataValue)
     rows = {r.data["metric"]: r.data for r in table.records}
@@ -25,6 +25,7 @@ def test_eval_report_metadata_has_a_comparison_table_numbers_and_paths(tmp_path)
     assert rows["test/nll"] == {"metric": "test/nll", "value": 1.5, "ci": "[1.4000, 1.6000]", "start": 2.0,
                                 "delta": -0.5, "delta_ci": "[-0.6000, -0.4000]"}
     assert rows["test/bits_per_byte"]["delta"] is None  # no paired delta reported: left empty, not invented
+    assert meta["code_version"] == "2"
     assert meta["test/nll"] == 1.5 and meta["num_examples"] == 60  # plain numbers: the Plots tab charts them
     assert meta["report_file"].path == str(tmp_path / "report.md")
     assert "model_dir" not in meta
@@ -37,7 +38,7 @@ def test_checkpoint_plots_reward_and_kl_curves_only_when_the_rows_carry_them(tmp
     assert plots.extra_curves(rl, tmp_path) == ["reward_curve.png", "kl_curve.png"]
     assert (tmp_path / "kl_curve.png").read_bytes().startswith(b"\x89PNG")
     ref = ArtifactRef(key="x/checkpoint", fingerprint="f" * 32, content_hash="c" * 64, path=str(tmp_path))
-    meta = to_metadata(ref, {"plots": ["kl_curve.png"]}, cached=True)
+    meta = to_metadata(ref, {"plots": ["kl_curve.png"]}, cached=True, code_version="1")
     assert meta["kl_curve"].value.startswith("![kl_curve.png](data:image/png;base64,")
 
 

@@ -192,7 +192,7 @@ def test_browser_shows_recipe_groups_checkpoint_metadata_and_plots(webserver, br
     wait_for(browser, lambda d: "train_mean_nll" in body_text(d), "the checkpoint's metadata")
     dismiss_newsletter(browser)
     text = body_text(browser)
-    for shown in ("metrics_file", "model_dir", "tokens_per_second", "test/nll", "post-training", "PyTorch", "Hugging Face",
+    for shown in ("code_version", "metrics_file", "model_dir", "tokens_per_second", "test/nll", "post-training", "PyTorch", "Hugging Face",
                   "Supervised fine-tune"):
         assert shown in text, f"{shown!r} missing from the checkpoint page"
     browser.save_screenshot(str(SCREENSHOTS / "3_checkpoint_metadata.png"))
@@ -220,7 +220,7 @@ def test_browser_shows_recipe_groups_checkpoint_metadata_and_plots(webserver, br
     rows = table.text.splitlines()
     assert rows[0].split() == ["metric", "value", "ci", "start", "delta", "delta_ci"]
     assert any(r.startswith("test/nll ") for r in rows) and any(r.startswith("test/accuracy ") for r in rows)
-    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", table)
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center', inline: 'nearest'});", table)
     browser.save_screenshot(str(SCREENSHOTS / "6_eval_table.png"))
 
 
@@ -233,9 +233,12 @@ def mlflow_cli(crucible: Path, *args: str) -> str:
 
 
 def test_mlflow_lists_the_run_with_its_metrics_and_tensorboard_has_the_scalars(homes_after_run, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
     crucible, _ = homes_after_run
-    experiments = mlflow_cli(crucible, "experiments", "search")
-    experiment_id = next(line.split()[0] for line in experiments.splitlines() if " crucible " in f" {line} ")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(crucible / "mlruns").as_uri())
+    experiment_id = client.get_experiment_by_name("crucible").experiment_id
     runs = [line for line in mlflow_cli(crucible, "runs", "list", "--experiment-id", experiment_id).splitlines()
             if "sl_basic/checkpoint@" in line]
     assert len(runs) == 1
@@ -246,10 +249,6 @@ def test_mlflow_lists_the_run_with_its_metrics_and_tensorboard_has_the_scalars(h
     assert tags["crucible.registry_version"] == "sl_basic:1"
     assert tags["crucible.asset_key"] == "sl_basic/checkpoint"
 
-    from mlflow.tracking import MlflowClient
-
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    client = MlflowClient(tracking_uri=(crucible / "mlruns").as_uri())
     history = client.get_metric_history(run["info"]["run_id"], "train_mean_nll")
     assert sorted(m.step for m in history) == list(range(40))  # per step, not just the last value
     files = {Path(f.path).name for f in client.list_artifacts(run["info"]["run_id"], "checkpoint/model")}
