@@ -55,3 +55,21 @@ def test_progress_lines_come_at_a_steady_wall_clock_cadence():
     assert lines[1].startswith(bar(6, 12)) and lines[1].startswith("[##########----------]  50%")
     assert "loss 0.1667 test/nll 2.0000 100 tok/s eta 6s" in lines[1]
     assert "grad_norm" not in json.dumps(lines)
+
+
+def test_docs_recipes_names_every_config_field_of_every_recipe():
+    """docs/recipes.md is the reference a newcomer reads; a field added in code shows up there."""
+    from pathlib import Path
+
+    from crucible_jobs import defs
+    from crucible_jobs.jobs import RECIPES
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
+    missing = set()
+    for recipe in RECIPES:
+        assert f"## {recipe.NAME}" in doc
+        for node in defs.resolve_job_def(recipe.NAME).graph.nodes:
+            schema = node.definition.config_schema
+            fields = schema.as_field().config_type.fields if schema and schema.as_field().config_type.kind.name == "STRICT_SHAPE" else {}
+            missing |= {name for name in fields if f"`{name}`" not in doc}
+    assert not missing, f"docs/recipes.md does not describe: {sorted(missing)}"
