@@ -58,7 +58,8 @@ def base_model_asset(recipe: str, start_from: str | None = None, stage: str = "b
     start_key = key(start_from, "registered_model") if start_from else AssetKey(["base", base])
 
     @asset(key=key(recipe, stage), group_name=recipe, code_version="2", kinds={"huggingface"}, deps=[start_key],
-           description=f"The starting model (default: {start_key.to_user_string()}), snapshotted into the store so lineage reaches its bytes.")
+           description=f"The model this recipe starts from (default: {start_key.to_user_string()}; or any local HF "
+                       "model dir or hub id), copied into the artifact store so the lineage reaches its exact bytes.")
     def _base_model(context: AssetExecutionContext, config: BaseModelConfig, store: ArtifactStore,
                     registry: ModelRegistry) -> Output[ArtifactRef]:
         if config.base_model == EMBEDDED:
@@ -120,7 +121,9 @@ def tokenized_asset(recipe: str, config_cls: type[TokenizeConfig], kind: str = "
     """`kind`: sft (tokens + weights per example) or pairs (chosen/rejected completions)."""
     @asset(key=key(recipe, "tokenized"), group_name=recipe, code_version="2", kinds={"parquet"},
            ins={"dataset": AssetIn(key=key(recipe, "dataset")), "base_model": AssetIn(key=key(recipe, "base_model"))},
-           description="Parquet shards of token ids and loss weights, rendered with the model's chat template.")
+           description="The dataset turned into training input: each example rendered with the model's chat template, "
+                       "tokenized, and given a loss weight per token (1 on what the model should learn to say). "
+                       "Parquet shards, one per split.")
     def _tokenized(context: AssetExecutionContext, config: config_cls, store: ArtifactStore,
                    dataset: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
         if config.max_length < 2:
@@ -175,8 +178,9 @@ def stop_of(tokenized: ArtifactRef) -> list[str]:
 def sft_checkpoint_asset(recipe: str, config_cls: type[TrainConfig]):
     @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="2", kinds={"pytorch", "huggingface"},
            ins={"tokenized": AssetIn(key=key(recipe, "tokenized")), "base_model": AssetIn(key=key(recipe, "base_model"))},
-           description="Supervised fine-tune (cross-entropy on weighted target tokens): HF model dir, "
-                       "resumable optimizer state, per-step metrics.jsonl and a loss curve.")
+           description="The fine-tuned model: supervised training (cross-entropy on the weighted target tokens) of the "
+                       "starting model. Holds an HF model dir, the optimizer state to resume from, per-step "
+                       "metrics.jsonl and the loss curve.")
     def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
                     tracking: TrackingResource, tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
         config.check(context.asset_key.to_user_string())
@@ -241,7 +245,8 @@ def evaluate_sft(start, trained, rows: list[dict], config: EvalConfig, _train_co
 
 def sft_eval_report_asset(recipe: str, config_cls: type[EvalConfig]):
     return eval_report_asset(recipe, config_cls, evaluate_sft, "test/nll", "test/nll (nats/token)", code_version="2",
-                             description="Held-out NLL, bits per byte and answer accuracy vs. the starting model, with bootstrap CIs.")
+                             description="How much training helped, on held-out examples: NLL, bits per byte and answer "
+                                         "accuracy of the trained model vs. the starting model, with bootstrap CIs.")
 
 
 def model_card(recipe: str, lineage_edge: str, started_from: dict, report: dict, upstream: dict[str, str]) -> str:
@@ -260,8 +265,8 @@ def registered_model_asset(recipe: str, lineage_edge: str, metric: str = "test/n
     `lineage_edge` points at the model snapshot `lineage_stage` (the start, or a teacher)."""
     @asset(key=key(recipe, "registered_model"), group_name=recipe, code_version="2", kinds={"huggingface"},
            ins={"checkpoint": AssetIn(key=key(recipe, "checkpoint")), "eval_report": AssetIn(key=key(recipe, "eval_report"))},
-           description="A registry version of the checkpoint: HF-format export with a model card; "
-                       "gated by the eval report's blocking check.")
+           description="The checkpoint published as a new registry version (crucible models): HF-format export with a "
+                       "model card. Only created when the eval report's blocking check says it beat its start.")
     def _registered_model(context: AssetExecutionContext, store: ArtifactStore, registry: ModelRegistry,
                           backend: TrainingBackendResource, tracking: TrackingResource, checkpoint: ArtifactRef,
                           eval_report: ArtifactRef) -> Output[ArtifactRef]:

@@ -193,7 +193,7 @@ def test_browser_shows_recipe_groups_checkpoint_metadata_and_plots(webserver, br
     dismiss_newsletter(browser)
     text = body_text(browser)
     for shown in ("code_version", "metrics_file", "model_dir", "tokens_per_second", "test/nll", "post-training", "PyTorch", "Hugging Face",
-                  "Supervised fine-tune"):
+                  "The fine-tuned model"):
         assert shown in text, f"{shown!r} missing from the checkpoint page"
     browser.save_screenshot(str(SCREENSHOTS / "3_checkpoint_metadata.png"))
 
