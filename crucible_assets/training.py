@@ -84,8 +84,12 @@ def _save(client: TrainingClient, work_dir: Path, step: int, rows: list[dict]) -
     tmp = work_dir / f".tmp_step_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    client.save_state(tmp)
-    (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    try:
+        client.save_state(tmp)
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    except BaseException:  # a full disk: drop the half-written save, keep the last good one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     os.rename(tmp, work_dir / f"step_{step:07d}")
     for old in sorted(work_dir.glob("step_*"))[:-1]:
         shutil.rmtree(old)

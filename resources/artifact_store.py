@@ -6,17 +6,20 @@ Layout under `root` (default `$CRUCIBLE_HOME/store`):
     manifests/<fingerprint>.json what produced an object: config, upstream, run, file hashes
     refs/<recipe>/<stage>.json   the latest artifact of an asset key (what downstream loads)
     work/<fingerprint>/          resumable scratch of an unfinished materialization
+    work/<fingerprint>.lock      held while one process builds that fingerprint
     tmp/                         staging; a crash leaves debris here and nowhere else
 
 An artifact is built in tmp/, hashed, and renamed into objects/ in one step; its manifest
 is the commit point and is written (atomically) only after the object exists, so a
 reader either sees a complete artifact or none. A fingerprint that already has a manifest
-is a cache hit: the caller gets the stored ref and does no work.
+is a cache hit: the caller gets the stored ref and does no work. Two processes asking for
+the same missing fingerprint build it once: the second waits on the lock, then hits.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -166,6 +169,31 @@ class ArtifactStore(ConfigurableResource):
         path = self.base / "tmp" / uuid.uuid4().hex
         path.mkdir(parents=True)
         return path
+
+    def build_once(
+        self,
+        key: str,
+        fp: str,
+        build: Callable[[Path, Path], dict | None],
+        record: dict,
+        log: Callable[[str], None] = print,
+    ) -> tuple[ArtifactRef, bool]:
+        """The stored artifact, or `write` it with `build(out_dir, work_dir)`; True when built.
+        The lock keeps a second trainer out of the first one's resumable work dir, where
+        each would resume from the other's saves."""
+        if (ref := self.lookup(fp)) is not None:
+            return ref, False
+        lock_path = self.base / "work" / f"{check_hex(fp, 'fingerprint')}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log(f"another process is materializing fingerprint {fp}; waiting for it")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if (ref := self.lookup(fp)) is not None:
+                return ref, False
+            return self.write(key, fp, lambda out: build(out, self.work_dir(fp)), record), True
 
     def write(
         self,
