@@ -165,7 +165,9 @@ def test_a_file_dropped_under_a_running_daemon_becomes_a_registered_version(home
     store = ArtifactStore()
     dataset = store.latest("sl_basic/dataset")
     assert store.manifest(dataset.fingerprint)["config"]["path"] == str(dropped)
-    assert version["lineage"]["datasets"]["sl_basic/dataset"] == dataset.content_hash
+    tokenized = store.latest("sl_basic/tokenized")
+    assert version["lineage"]["datasets"]["sl_basic/tokenized"] == tokenized.content_hash
+    assert dataset.content_hash in [u["content_hash"] for u in store.manifest(tokenized.fingerprint)["upstream"]]
     with DagsterInstance.get() as instance:
         [run] = instance.get_runs()
         assert run.tags["crucible/dropped_file"] == "fresh.jsonl" and run.tags["dagster/sensor_name"] == "sl_basic_drop_folder"
