@@ -8,11 +8,11 @@ import pytest
 from dagster import DagsterInstance, build_sensor_context
 
 from conftest import run_job, tree_digest
-from crucible_assets.feedback import rating_drop, sft_examples, validate_feedback
+from crucible_assets.feedback import load_feedback, rating_drop, sft_examples, validate_feedback
 from crucible_jobs import defs
 from crucible_jobs.sensors import FeedbackTriggers, feedback_sensor
 from resources.artifact_store import ArtifactStore
-from resources.dataset_sources import DatasetConfig, load_records, validate_record
+from resources.dataset_sources import DatasetConfig, DatasetError, load_records, validate_record
 from resources.preference_sources import validate_pair
 from resources.registry import ModelRegistry
 
@@ -42,15 +42,24 @@ def write(folder: Path, name: str, records: list) -> Path:
     (feedback(3, edited=3), "edited_response", "expected a string, got int"),
     (feedback(3, model_version="latest"), "model_version", "not a registry version"),
 ])
-def test_a_bad_feedback_record_fails_naming_file_line_and_field(homes, bad, field, problem):
+def test_a_bad_feedback_record_is_named_by_file_line_and_field(tmp_path, bad, field, problem):
+    path = write(tmp_path, "day1.jsonl", [feedback(5), bad])
+    with pytest.raises(DatasetError) as error:
+        load_feedback(tmp_path)
+    assert f"{path}: line 2: field {field!r}: " in str(error.value) and problem in str(error.value)
+
+
+def test_the_feedback_job_fails_on_a_bad_record_and_writes_nothing(homes):
     crucible_home, _ = homes
-    path = write(crucible_home / "feedback", "day1.jsonl", [feedback(5), bad])
-    before = tree_digest(crucible_home / "store")
+    with pytest.raises(DatasetError, match="no feedback files"):
+        load_feedback(crucible_home / "feedback")
+    path = write(crucible_home / "feedback", "day1.jsonl", [feedback(5), feedback(9)])
+    before = tree_digest(crucible_home)
     result = run_job("feedback", {}, raise_on_error=False)
     assert not result.success
     message = str(next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE").step_failure_data.error)
-    assert f"{path}: line 2: field {field!r}: " in message and problem in message, message
-    assert tree_digest(crucible_home / "store") == before
+    assert f"{path}: line 2: field 'rating'" in message
+    assert tree_digest(crucible_home) == before
 
 
 def test_feedback_is_curated_into_examples_and_pairs_that_chat_sl_and_dpo_load(homes, tmp_path):
@@ -114,7 +123,7 @@ def test_feedback_sensor_triggers_on_new_examples_and_once_per_champion_rating_d
     assert "no feedback files" in tick().skip_message
     write(folder, "1.jsonl", [feedback(5), feedback(4)])
     assert not tick().run_requests  # two examples < 3
-    write(folder, "2.jsonl", [feedback(2, edited="2 + 3 = 5")])
+    write(folder, "2.jsonl", [feedback(2, response="2 + 3 = 6", edited="2 + 3 = 5")])
     first = tick()
     [request] = first.run_requests
     assert request.run_config["ops"]["feedback__dataset"]["config"]["folder"] == str(folder)
