@@ -129,18 +129,15 @@ def write_dagster_yaml(dagster_home: Path) -> None:
     }))
 
 
-def dagster_cli(*args: str, env: dict) -> None:
-    subprocess.run([sys.executable, "-m", "dagster", *args, "-m", "crucible_jobs"], env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
-
-
 @pytest.mark.slow
 def test_a_file_dropped_under_a_running_daemon_becomes_a_registered_version(homes, tmp_path):
     crucible_home, dagster_home = homes
     write_dagster_yaml(dagster_home)
     write_automation_config(crucible_home, "sl_basic", config_for("sl_basic", TINY_RUN_CONFIG))
     env = env_with(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    dagster_cli("sensor", "start", "sl_basic_drop_folder", env=env)
+    started = subprocess.run([sys.executable, "-m", "dagster", "sensor", "start", "sl_basic_drop_folder", "-m", "crucible_jobs"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stderr[-3000:]
     log = open(tmp_path / "daemon.log", "wb")
     daemon = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-m", "crucible_jobs"], env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
