@@ -9,7 +9,9 @@ A feedback record is one JSON object per line in `*.jsonl` files under the feedb
 
 `rating` is 1 (bad) to 5 (good); `edited_response` (optional) is a person's correction of
 `response`; `model_version` is the registry spec of the model that answered. Writers should
-write a file under another name (e.g. a dotfile) and rename it to `*.jsonl` when complete.
+write a file under another name (e.g. a dotfile) and rename it to `*.jsonl` when complete,
+and name files so that they sort in time order (e.g. by date): records are read in file-name
+then line order, and the rating trigger compares a model's first ratings with its latest.
 
 Curation: a record becomes an SFT example (a tinker-cookbook conversation, `{"messages"}`)
 when it was edited (the edit is the answer) or rated at least `min_rating`; an edited record

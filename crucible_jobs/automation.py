@@ -26,7 +26,7 @@ FOLLOW_UPSTREAM = (
 
 def follow_upstream(assets: list[AssetsDefinition]) -> list[AssetsDefinition]:
     """Every asset with an upstream re-materializes when one of its upstreams gets a new
-    version (a new sl_basic champion retrains chat_sl, then dpo); roots (datasets, the base
+    version (a new sl_basic model retrains chat_sl, then dpo); roots (datasets, the base
     tokenizer) change only through config, the drop folder or a schedule."""
     return [a.map_asset_specs(lambda spec: spec.replace_attributes(automation_condition=FOLLOW_UPSTREAM) if spec.deps else spec)
             for a in assets]
@@ -42,15 +42,21 @@ follow_upstream_sensor = AutomationConditionSensorDefinition(
 
 def automation_run_config(recipe: str) -> dict:
     path = crucible_home() / "automation" / f"{recipe}.yaml"
-    config = yaml.safe_load(path.read_text()) if path.is_file() else None
+    try:
+        config = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from None
     if config is not None and not isinstance(config, dict):
         raise ValueError(f"{path}: expected a mapping (run config), got {type(config).__name__}")
     return config or {}
 
 
 def with_dataset(run_config: dict, recipe: str, path: str) -> dict:
-    """`run_config` with recipe's dataset read from the local file `path` (jsonl or parquet)."""
+    """`run_config` with recipe's dataset read from the local file `path` (jsonl or parquet),
+    all of it unless the run config caps `num_examples` (a recipe's default cap is sized
+    for its synthetic generator, not for a user's file)."""
     merged = copy.deepcopy(run_config)
     dataset = merged.setdefault("ops", {}).setdefault(f"{recipe}__dataset", {}).setdefault("config", {})
     dataset.update(source="parquet" if path.endswith(".parquet") else "jsonl", path=path)
+    dataset.setdefault("num_examples", 0)
     return merged

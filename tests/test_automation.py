@@ -54,6 +54,11 @@ def test_every_recipe_has_a_stopped_schedule_that_runs_its_job_with_the_automati
     assert request.run_config == config_for("dpo", TINY_RUN_CONFIG)
     assert request.tags["crucible/trigger"] == "schedule"
 
+    (crucible_home / "automation" / "dpo.yaml").write_text("ops: [")
+    with pytest.raises(Exception) as error:  # Dagster wraps what the schedule raised
+        schedules["dpo_retrain"].evaluate_tick(build_schedule_context())
+    assert "dpo.yaml: not valid YAML" in str(error.value.__cause__)
+
 
 def evaluate(sensor, cursor=None, **resources):
     return sensor.evaluate_tick(build_sensor_context(cursor=cursor, resources=resources or None))
@@ -94,8 +99,9 @@ def test_drop_folder_sensor_starts_the_recipe_once_per_new_or_changed_file(homes
     monkeypatch.setenv("CRUCIBLE_DROP_DIR", str(elsewhere))
     assert not evaluate(sensor).run_requests
     moved = drop(elsewhere / "chat_sl", "a.jsonl", arithmetic_conversations(5, 2))
+    (crucible_home / "automation" / "chat_sl.yaml").unlink()  # no cap configured: the whole file
     [request] = evaluate(sensor).run_requests
-    assert request.run_config["ops"]["chat_sl__dataset"]["config"]["path"] == str(moved)
+    assert request.run_config["ops"]["chat_sl__dataset"]["config"] == {"source": "jsonl", "path": str(moved), "num_examples": 0}
 
 
 def test_downstream_assets_follow_an_upstream_change_and_roots_do_not(homes):

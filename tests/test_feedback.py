@@ -96,7 +96,7 @@ def test_feedback_is_curated_into_examples_and_pairs_that_chat_sl_and_dpo_load(h
             assert sensor.job_name == recipe
             tick = sensor.evaluate_tick(build_sensor_context(instance=instance))
             [request] = tick.run_requests
-            assert request.run_config["ops"][f"{recipe}__dataset"]["config"] == {"source": "jsonl", "path": str(path)}
+            assert request.run_config["ops"][f"{recipe}__dataset"]["config"] == {"source": "jsonl", "path": str(path), "num_examples": 0}
             assert request.run_key == path.parent.name  # the artifact's content hash, its data version
             assert not sensor.evaluate_tick(build_sensor_context(instance=instance, cursor=tick.cursor)).run_requests
 
