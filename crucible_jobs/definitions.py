@@ -1,20 +1,30 @@
-"""Definitions in one place: every recipe's assets and checks, the shared base, resources, jobs."""
+"""Definitions in one place: every recipe's assets and checks, the shared base, the feedback
+loop's assets, resources, jobs, and the automation (schedules, sensors), all stopped by default."""
 
-from dagster import Definitions
+from dagster import Definitions, define_asset_job, in_process_executor
 
+from crucible_assets import feedback
 from crucible_assets.base_assets import BASE_ASSETS
 from crucible_assets.io_manager import ArtifactIOManager
+from crucible_jobs.automation import follow_upstream, follow_upstream_sensor
 from crucible_jobs.jobs import RECIPES, recipe_job
+from crucible_jobs.schedules import recipe_schedule
+from crucible_jobs.sensors import drop_folder_sensor, feedback_sensors
 from resources.artifact_store import ArtifactStore
 from resources.backend import TrainingBackendResource
 from resources.registry import ModelRegistry
 
 store = ArtifactStore()
 
+feedback_job = define_asset_job(feedback.GROUP, selection=[a.key for a in feedback.assets], executor_def=in_process_executor,
+                                description="Ingest the feedback folder and curate SFT examples and DPO pairs from it.")
+
 defs = Definitions(
-    assets=BASE_ASSETS + [a for r in RECIPES for a in r.assets],
+    assets=follow_upstream(BASE_ASSETS + [a for r in RECIPES for a in r.assets] + feedback.assets),
     asset_checks=[c for r in RECIPES for c in r.checks],
-    jobs=[recipe_job(r.NAME) for r in RECIPES],
+    jobs=[recipe_job(r.NAME) for r in RECIPES] + [feedback_job],
+    schedules=[recipe_schedule(r.NAME) for r in RECIPES],
+    sensors=[drop_folder_sensor(r.NAME) for r in RECIPES] + feedback_sensors() + [follow_upstream_sensor],
     resources={
         "store": store,
         "registry": ModelRegistry(),
