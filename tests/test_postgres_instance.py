@@ -1,6 +1,6 @@
 """deploy/dagster.yaml as written: a Dagster instance on a real PostgreSQL server runs the
-sl_basic recipe job, and the run, its materializations and their data versions are rows in
-PostgreSQL."""
+sl_basic recipe job, and the run, its materializations, their data versions and the `gpu`
+pool the training step queued in are rows in PostgreSQL."""
 
 import shutil
 from pathlib import Path
@@ -35,6 +35,9 @@ def test_sl_basic_on_a_postgres_backed_instance(homes, postgres, monkeypatch):  
         cur.execute("SELECT asset_key, event FROM event_logs WHERE run_id = %s AND dagster_event_type = 'ASSET_MATERIALIZATION'",
                     (result.run_id,))
         events = {AssetKey.from_db_string(k).to_user_string(): body for k, body in cur.fetchall()}
+        # the training step took its slot in the `gpu` pool, whose limit came from dagster.yaml
+        cur.execute('SELECT "limit", using_default_limit FROM concurrency_limits WHERE concurrency_key = %s', ("gpu",))
+        assert cur.fetchall() == [(1, True)]
     assert set(events) >= {f"sl_basic/{s}" for s in ("dataset", "tokenized", "checkpoint", "eval_report", "registered_model")}
     # the data version Dagster recorded is the stored artifact's content hash
     assert ArtifactStore().latest("sl_basic/checkpoint").content_hash in events["sl_basic/checkpoint"]
