@@ -10,6 +10,7 @@ import torch
 from dagster import DagsterInstance
 
 from conftest import TINY_RUN_CONFIG, run_job
+from crucible_assets.supervised import SupervisedTrainConfig
 from resources.artifact_store import ArtifactStore
 
 # float32 sums taken in another order (two shards plus an all-reduce instead of one batch)
@@ -64,3 +65,10 @@ def test_two_processes_match_one_process(homes):
     for (name, a), (_, b) in zip(one_model.state_dict().items(), two_model.state_dict().items()):
         assert torch.allclose(a, b, atol=WEIGHT_ATOL), name
     assert ArtifactStore().verify(two_ref) == []
+
+
+def test_launcher_fields_are_checked():
+    assert SupervisedTrainConfig(nproc_per_node=0).problems() == ["nproc_per_node must be >= 1, got 0"]
+    assert SupervisedTrainConfig(nproc_per_node=64, batch_size=32).problems() == [
+        "nproc_per_node (64) must not exceed batch_size (32)"]
+    assert SupervisedTrainConfig(dist_backend="mpi").problems() == ["dist_backend must be auto, gloo or nccl, got 'mpi'"]
