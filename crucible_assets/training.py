@@ -80,6 +80,11 @@ def _last_save(work_dir: Path) -> Path | None:
     return saves[-1] if saves else None
 
 
+def _writes(client: TrainingClient) -> bool:
+    """Under data parallelism every rank runs this loop on identical state; rank 0 saves it."""
+    return getattr(client, "rank", 0) == 0
+
+
 def _save(client: TrainingClient, work_dir: Path, step: int, rows: list[dict]) -> None:
     tmp = work_dir / f".tmp_step_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -133,7 +138,7 @@ def train(
         if done % cfg.eval_every == 0 or done == steps:
             row.update(eval_fn())
         rows.append(row)
-        if done % cfg.save_every == 0 and done < steps:
+        if done % cfg.save_every == 0 and done < steps and _writes(client):
             _save(client, work_dir, done, rows)
         if done % 10 == 0 or done == steps:
             elapsed = time.perf_counter() - t0

@@ -1,7 +1,7 @@
 """Definitions in one place: every recipe's assets and checks, the shared base, the feedback
 loop's assets, resources, jobs, and the automation (schedules, sensors), all stopped by default."""
 
-from dagster import Definitions, define_asset_job, in_process_executor
+from dagster import Definitions, ExecutorDefinition, define_asset_job, in_process_executor
 
 from crucible_assets import feedback
 from crucible_assets.base_assets import BASE_ASSETS
@@ -14,21 +14,28 @@ from resources.artifact_store import ArtifactStore
 from resources.backend import TrainingBackendResource
 from resources.registry import ModelRegistry
 
-store = ArtifactStore()
 
 feedback_job = define_asset_job(feedback.GROUP, selection=[a.key for a in feedback.assets], executor_def=in_process_executor,
                                 description="Ingest the feedback folder and curate SFT examples and DPO pairs from it.")
 
-defs = Definitions(
-    assets=follow_upstream(BASE_ASSETS + [a for r in RECIPES for a in r.assets] + feedback.assets),
-    asset_checks=[c for r in RECIPES for c in r.checks],
-    jobs=[recipe_job(r.NAME) for r in RECIPES] + [feedback_job],
-    schedules=[recipe_schedule(r.NAME) for r in RECIPES],
-    sensors=[drop_folder_sensor(r.NAME) for r in RECIPES] + feedback_sensors() + [follow_upstream_sensor],
-    resources={
-        "store": store,
-        "registry": ModelRegistry(),
-        "backend": TrainingBackendResource(),
-        "io_manager": ArtifactIOManager(store=store),
-    },
-)
+
+def build_defs(executor: ExecutorDefinition = in_process_executor) -> Definitions:
+    """`executor` runs every recipe job: in-process here, one pod or worker per step on a
+    cluster (deploy/k8s/definitions.py, deploy/celery/definitions.py)."""
+    store = ArtifactStore()
+    return Definitions(
+        assets=follow_upstream(BASE_ASSETS + [a for r in RECIPES for a in r.assets] + feedback.assets),
+        asset_checks=[c for r in RECIPES for c in r.checks],
+        jobs=[recipe_job(r.NAME, executor) for r in RECIPES] + [feedback_job],
+        schedules=[recipe_schedule(r.NAME) for r in RECIPES],
+        sensors=[drop_folder_sensor(r.NAME) for r in RECIPES] + feedback_sensors() + [follow_upstream_sensor],
+        resources={
+            "store": store,
+            "registry": ModelRegistry(),
+            "backend": TrainingBackendResource(),
+            "io_manager": ArtifactIOManager(store=store),
+        },
+    )
+
+
+defs = build_defs()
