@@ -43,23 +43,21 @@ def cached_artifact(
         backend=backend,
         extra=extra_inputs,
     )
-    ref = store.lookup(fp)
-    cached = ref is not None
+    record = {
+        "code_version": code_version,
+        "config": config,
+        "upstream": [r.model_dump(exclude={"path"}) for r in upstream.values()],
+        "backend": backend,
+        "extra_inputs": extra_inputs,
+        "run_id": context.run_id,
+        "created_at": time.time(),
+        "packages": package_versions(),
+    }
+    ref, built = store.build_once(key, fp, build, record, context.log.info)
+    cached = not built
     if cached:
         context.log.info(f"cache hit for {key}: fingerprint {fp}, data version {ref.content_hash}")
         store.open_verified(ref)  # a hit hands these bytes downstream; never corrupt ones
-    else:
-        record = {
-            "code_version": code_version,
-            "config": config,
-            "upstream": [r.model_dump(exclude={"path"}) for r in upstream.values()],
-            "backend": backend,
-            "extra_inputs": extra_inputs,
-            "run_id": context.run_id,
-            "created_at": time.time(),
-            "packages": package_versions(),
-        }
-        ref = store.write(key, fp, lambda out: build(out, store.work_dir(fp)), record)
     manifest = store.manifest(fp)
     return Output(ref, data_version=DataVersion(ref.content_hash),
                   metadata=to_metadata(ref, manifest["summary"], cached, manifest["code_version"]))

@@ -12,6 +12,7 @@ from crucible_assets.caching import cached_artifact
 from crucible_assets.distillation import DistillConfig, evaluate_distill, train_distill
 from crucible_assets.evaluation import EvalConfig
 from crucible_assets.math_grading import grade
+from crucible_assets.placement import TRAINING_STEP
 from crucible_assets.rl import ENVS
 from crucible_assets.stages import eval_report_asset, key, read_examples, save_checkpoint, stop_of, tracked
 from resources.artifact_store import ArtifactRef, ArtifactStore
@@ -83,7 +84,7 @@ def teacher_samples_asset(recipe: str, config_cls: type[TeacherSamplesConfig]):
 
 
 def distill_checkpoint_asset(recipe: str, config_cls: type[DistillConfig]):
-    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="3", kinds={"pytorch", "huggingface"},
+    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="3", kinds={"pytorch", "huggingface"}, **TRAINING_STEP,
            ins={"tokenized": AssetIn(key=key(recipe, "tokenized")), "base_model": AssetIn(key=key(recipe, "base_model")),
                 "teacher": AssetIn(key=key(recipe, "teacher")), "teacher_samples": AssetIn(key=key(recipe, "teacher_samples"))},
            description="The student distilled from the teacher: cross-entropy on the teacher's samples (off-policy), "

@@ -7,6 +7,7 @@ from dagster import AssetExecutionContext, AssetIn, Output, asset
 
 from crucible_assets.caching import cached_artifact
 from crucible_assets.evaluation import EvalConfig
+from crucible_assets.placement import TRAINING_STEP
 from crucible_assets.preference import DpoConfig, completion_logps, evaluate_preferences, train_dpo
 from crucible_assets.stages import eval_report_asset, key, read_examples, save_checkpoint, tracked
 from resources.artifact_store import ArtifactRef, ArtifactStore
@@ -46,7 +47,7 @@ def reference_logprobs_asset(recipe: str):
 
 
 def dpo_checkpoint_asset(recipe: str, config_cls: type[DpoConfig]):
-    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="2", kinds={"pytorch", "huggingface"},
+    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="2", kinds={"pytorch", "huggingface"}, **TRAINING_STEP,
            ins={"tokenized": AssetIn(key=key(recipe, "tokenized")), "base_model": AssetIn(key=key(recipe, "base_model")),
                 "reference_logprobs": AssetIn(key=key(recipe, "reference_logprobs"))},
            description="DPO fine-tune of the starting model against its cached reference log-probs: HF model dir, "

@@ -6,6 +6,7 @@ from pydantic import Field
 
 from crucible_assets.caching import cached_artifact
 from crucible_assets.evaluation import EvalConfig
+from crucible_assets.placement import TRAINING_STEP
 from crucible_assets.rl import RlConfig, evaluate_rl, train_rl
 from crucible_assets.stages import eval_report_asset, key, read_examples, save_checkpoint, stop_of, tracked
 from resources.artifact_store import ArtifactRef, ArtifactStore
@@ -18,7 +19,7 @@ class RlEvalConfig(EvalConfig):
 
 
 def rl_checkpoint_asset(recipe: str, config_cls: type[RlConfig]):
-    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="2", kinds={"pytorch", "huggingface"},
+    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="2", kinds={"pytorch", "huggingface"}, **TRAINING_STEP,
            ins={"tokenized": AssetIn(key=key(recipe, "tokenized")), "base_model": AssetIn(key=key(recipe, "base_model"))},
            description="RL with verifiable rewards: groups of sampled answers per problem, group-centered rewards, "
                        "importance-sampling or PPO loss on the sampled tokens; HF model dir, state, metrics, reward curve.")

@@ -14,10 +14,11 @@ from pydantic import Field
 
 from crucible_assets import evaluation, plots
 from crucible_assets.caching import cached_artifact
+from crucible_assets.data_parallel import launch_data_parallel
 from crucible_assets.evaluation import EvalConfig
-from crucible_assets.supervised import train_supervised
+from crucible_assets.placement import TRAINING_STEP
+from crucible_assets.supervised import SupervisedTrainConfig, read_pairs, train_supervised
 from crucible_assets.tokenizing import tokenize_splits
-from crucible_assets.training import TrainConfig
 from resources.artifact_store import ArtifactRef, ArtifactStore, hash_tree
 from resources.backend import TrainingBackendResource
 from resources.dataset_sources import DatasetConfig, load_records, split_records, validate_record
@@ -175,20 +176,23 @@ def stop_of(tokenized: ArtifactRef) -> list[str]:
     return json.loads((tokenized.dir / "render.json").read_text())["stop"]
 
 
-def sft_checkpoint_asset(recipe: str, config_cls: type[TrainConfig]):
-    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="2", kinds={"pytorch", "huggingface"},
+def sft_checkpoint_asset(recipe: str, config_cls: type[SupervisedTrainConfig]):
+    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="2", kinds={"pytorch", "huggingface"}, **TRAINING_STEP,
            ins={"tokenized": AssetIn(key=key(recipe, "tokenized")), "base_model": AssetIn(key=key(recipe, "base_model"))},
            description="The fine-tuned model: supervised training (cross-entropy on the weighted target tokens) of the "
                        "starting model. Holds an HF model dir, the optimizer state to resume from, per-step "
-                       "metrics.jsonl and the loss curve.")
+                       "metrics.jsonl and the loss curve. nproc_per_node > 1 trains data-parallel under torchrun, "
+                       "streamed back through Dagster Pipes.")
     def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
                     tracking: TrackingResource, tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
         config.check(context.asset_key.to_user_string())
 
         def build(out, work):
-            pairs = lambda split: [(r["tokens"], r["weights"]) for r in read_examples(tokenized, split)]  # noqa: E731
+            if config.nproc_per_node > 1:
+                return launch_data_parallel(context, backend, config, tokenized.dir, base_model.dir, out, work)
             client = backend.create_training_client(base_model.dir, config.lora_rank, config.seed)
-            rows, telemetry = train_supervised(client, pairs("train"), pairs("test"), config, work, context.log.info)
+            rows, telemetry = train_supervised(client, read_pairs(tokenized.dir, "train"), read_pairs(tokenized.dir, "test"),
+                                               config, work, context.log.info)
             return save_checkpoint(client, out, rows, telemetry, "train_mean_nll", "test/nll")
 
         output = cached_artifact(context, store, config=config.model_dump(),

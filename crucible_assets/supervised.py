@@ -6,11 +6,35 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import pyarrow.parquet as pq
+from pydantic import Field
+
 from crucible_assets.evaluation import nll_per_example
 from crucible_assets.training import TrainConfig, layout_metrics, train
 from resources.training_backend import Datum, TrainingClient
 
 Example = tuple[list[int], list[float]]
+
+
+class SupervisedTrainConfig(TrainConfig):
+    nproc_per_node: int = Field(default=1, description="> 1: train data-parallel in this many processes started by "
+                                                       "torchrun (one per GPU; CPU workers otherwise); 1 = in the Dagster step")
+    dist_backend: str = Field(default="auto", description="torch.distributed backend: auto (nccl on GPU, gloo on CPU) | gloo | nccl")
+
+    def problems(self) -> list[str]:
+        found = super().problems()
+        if self.nproc_per_node < 1:
+            found.append(f"nproc_per_node must be >= 1, got {self.nproc_per_node}")
+        if self.dist_backend not in ("auto", "gloo", "nccl"):
+            found.append(f"dist_backend must be auto, gloo or nccl, got {self.dist_backend!r}")
+        if self.nproc_per_node > self.batch_size:
+            found.append(f"nproc_per_node ({self.nproc_per_node}) must not exceed batch_size ({self.batch_size})")
+        return found
+
+
+def read_pairs(tokenized_dir: Path, split: str) -> list[Example]:
+    table = pq.read_table(tokenized_dir / f"{split}.parquet", columns=["tokens", "weights"])
+    return [(r["tokens"], r["weights"]) for r in table.to_pylist()]
 
 
 def mean_nll(client: TrainingClient, examples: list[Example]) -> float:

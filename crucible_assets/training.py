@@ -81,12 +81,21 @@ def _last_save(work_dir: Path) -> Path | None:
     return saves[-1] if saves else None
 
 
+def _writes(client: TrainingClient) -> bool:
+    """Under data parallelism every rank runs this loop on identical state; rank 0 saves it."""
+    return getattr(client, "rank", 0) == 0
+
+
 def _save(client: TrainingClient, work_dir: Path, step: int, rows: list[dict]) -> None:
     tmp = work_dir / f".tmp_step_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    client.save_state(tmp)
-    (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    try:
+        client.save_state(tmp)
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    except BaseException:  # a full disk: drop the half-written save, keep the last good one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     os.rename(tmp, work_dir / f"step_{step:07d}")
     for old in sorted(work_dir.glob("step_*"))[:-1]:
         shutil.rmtree(old)
@@ -131,7 +140,7 @@ def train(
         if done % cfg.eval_every == 0 or done == steps:
             row.update(eval_fn())
         rows.append(row)
-        if done % cfg.save_every == 0 and done < steps:
+        if done % cfg.save_every == 0 and done < steps and _writes(client):
             _save(client, work_dir, done, rows)
         progress.step(done, metrics["num_tokens"], row, loss_key)
     elapsed = time.perf_counter() - t0

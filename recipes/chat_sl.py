@@ -16,7 +16,7 @@ from crucible_assets.stages import (
     sft_eval_report_asset,
     tokenized_asset,
 )
-from crucible_assets.training import TrainConfig
+from crucible_assets.supervised import SupervisedTrainConfig
 from resources.dataset_sources import DatasetConfig
 
 NAME = "chat_sl"
@@ -32,7 +32,7 @@ class ChatSlTokenize(TokenizeConfig):
     train_on_what: str = "all_assistant_messages"
 
 
-class ChatSlTrain(TrainConfig):
+class ChatSlTrain(SupervisedTrainConfig):
     learning_rate: float = 2e-3
     batch_size: int = 32
     max_steps: int = 200

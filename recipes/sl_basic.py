@@ -14,7 +14,7 @@ from crucible_assets.stages import (
     sft_eval_report_asset,
     tokenized_asset,
 )
-from crucible_assets.training import TrainConfig
+from crucible_assets.supervised import SupervisedTrainConfig
 from resources.dataset_sources import DatasetConfig
 
 NAME = "sl_basic"
@@ -28,7 +28,7 @@ class SlBasicTokenize(TokenizeConfig):
     max_length: int = 128
 
 
-class SlBasicTrain(TrainConfig):
+class SlBasicTrain(SupervisedTrainConfig):
     learning_rate: float = 3e-3
     batch_size: int = 32
     max_steps: int = 300

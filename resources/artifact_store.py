@@ -6,17 +6,26 @@ Layout under `root` (default `$CRUCIBLE_HOME/store`):
     manifests/<fingerprint>.json what produced an object: config, upstream, run, file hashes
     refs/<recipe>/<stage>.json   the latest artifact of an asset key (what downstream loads)
     work/<fingerprint>/          resumable scratch of an unfinished materialization
+    work/<fingerprint>.lock      held while one process builds that fingerprint
     tmp/                         staging; a crash leaves debris here and nowhere else
 
 An artifact is built in tmp/, hashed, and renamed into objects/ in one step; its manifest
 is the commit point and is written (atomically) only after the object exists, so a
 reader either sees a complete artifact or none. A fingerprint that already has a manifest
-is a cache hit: the caller gets the stored ref and does no work.
+is a cache hit: the caller gets the stored ref and does no work. Two processes asking for
+the same missing fingerprint build it once: the second waits on the lock, then hits.
+
+With a URL root (s3://bucket/prefix or any fsspec URL) the remote tree is authoritative
+(resources/object_store.py) and the local layout above becomes this machine's cache of it
+under $CRUCIBLE_HOME/store-cache/: artifacts are built and verified locally, published
+remotely (files, then manifest, then ref), and fetched from the remote on first use.
+Resumable work/ and its lock stay local to the machine that trains.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -27,9 +36,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dagster import ConfigurableResource
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, field_validator
 
 from resources.home import crucible_home
+from resources.object_store import RemoteTree
 
 
 class ArtifactRef(BaseModel):
@@ -121,14 +131,45 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-class ArtifactStore(ConfigurableResource):
-    """Local directory store; `root` defaults to `$CRUCIBLE_HOME/store`."""
+def is_url(location: str) -> bool:
+    return "://" in location and not location.startswith("file://")
 
-    root: str = Field(default="", description="Store directory; empty means $CRUCIBLE_HOME/store")
+
+class ArtifactStore(ConfigurableResource):
+    """A local directory, or an fsspec URL with a local cache; `root` defaults to
+    `$CRUCIBLE_STORE`, else `$CRUCIBLE_HOME/store`."""
+
+    root: str = Field(default="", description="Store directory or fsspec URL (s3://bucket/prefix, gs://...); "
+                                              "empty means $CRUCIBLE_STORE, else $CRUCIBLE_HOME/store")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for a URL root, e.g. "
+                                            "{endpoint_url: ...}; credentials come from the environment, never from here")
+
+    _remote: RemoteTree | None = PrivateAttr(default=None)
+
+    @property
+    def location(self) -> str:
+        return self.root or os.environ.get("CRUCIBLE_STORE") or str(crucible_home() / "store")
+
+    @property
+    def remote(self) -> RemoteTree | None:
+        if self._remote is None and is_url(self.location):
+            self._remote = RemoteTree(self.location, self.storage_options)
+        return self._remote
 
     @property
     def base(self) -> Path:
-        return Path(self.root) if self.root else crucible_home() / "store"
+        """The local tree: the store itself, or this machine's cache of a remote one."""
+        if is_url(self.location):
+            return crucible_home() / "store-cache" / hashlib.sha256(self.location.encode()).hexdigest()[:16]
+        return Path(self.location.removeprefix("file://"))
+
+    def _pull_text(self, rel: str, local: Path) -> bool:
+        """Copies one remote manifest or ref into the local tree; False where there is none."""
+        text = self.remote.read_text(rel) if self.remote else None
+        if text is None:
+            return False
+        atomic_write_text(local, text)
+        return True
 
     def _manifest_path(self, fp: str) -> Path:
         return self.base / "manifests" / f"{check_hex(fp, 'fingerprint')}.json"
@@ -138,7 +179,7 @@ class ArtifactStore(ConfigurableResource):
 
     def lookup(self, fp: str) -> ArtifactRef | None:
         path = self._manifest_path(fp)
-        if not path.exists():
+        if not path.exists() and not self._pull_text(f"manifests/{fp}.json", path):
             return None
         m = json.loads(path.read_text())
         return self._ref(m)
@@ -153,7 +194,7 @@ class ArtifactStore(ConfigurableResource):
 
     def manifest(self, fp: str) -> dict:
         path = self._manifest_path(fp)
-        if not path.exists():
+        if not path.exists() and not self._pull_text(f"manifests/{fp}.json", path):
             raise FileNotFoundError(f"no manifest for fingerprint {fp} in {self.base}")
         return json.loads(path.read_text())
 
@@ -166,6 +207,31 @@ class ArtifactStore(ConfigurableResource):
         path = self.base / "tmp" / uuid.uuid4().hex
         path.mkdir(parents=True)
         return path
+
+    def build_once(
+        self,
+        key: str,
+        fp: str,
+        build: Callable[[Path, Path], dict | None],
+        record: dict,
+        log: Callable[[str], None] = print,
+    ) -> tuple[ArtifactRef, bool]:
+        """The stored artifact, or `write` it with `build(out_dir, work_dir)`; True when built.
+        The lock keeps a second trainer out of the first one's resumable work dir, where
+        each would resume from the other's saves."""
+        if (ref := self.lookup(fp)) is not None:
+            return ref, False
+        lock_path = self.base / "work" / f"{check_hex(fp, 'fingerprint')}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log(f"another process is materializing fingerprint {fp}; waiting for it")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if (ref := self.lookup(fp)) is not None:
+                return ref, False
+            return self.write(key, fp, lambda out: build(out, self.work_dir(fp)), record), True
 
     def write(
         self,
@@ -202,15 +268,23 @@ class ArtifactStore(ConfigurableResource):
             "files": files,
             "summary": summary,
         }
-        atomic_write_text(self._manifest_path(fp), json.dumps(manifest, indent=1, sort_keys=True, default=str))
+        text = json.dumps(manifest, indent=1, sort_keys=True, default=str)
+        if self.remote:  # files first, manifest last: the remote commit point
+            self.remote.publish_dir(obj, f"objects/{content_hash}")
+            self.remote.put_text(f"manifests/{fp}.json", text)
+        atomic_write_text(self._manifest_path(fp), text)
         shutil.rmtree(self.base / "work" / fp, ignore_errors=True)
         return self._ref(manifest)
 
     def set_latest(self, ref: ArtifactRef) -> None:
+        if self.remote:
+            self.remote.put_text(f"refs/{check_key(ref.key)}.json", ref.model_dump_json())
         atomic_write_text(self._ref_path(ref.key), ref.model_dump_json())
 
     def latest(self, key: str) -> ArtifactRef:
         path = self._ref_path(key)
+        if self.remote and not self._pull_text(f"refs/{check_key(key)}.json", path):  # another machine may have moved it
+            raise FileNotFoundError(f"asset {key} has not been materialized in {self.location}")
         if not path.exists():
             raise FileNotFoundError(f"asset {key} has not been materialized in {self.base}")
         stored = ArtifactRef.model_validate_json(path.read_text())
@@ -224,18 +298,36 @@ class ArtifactStore(ConfigurableResource):
         self.open_verified(ref)
         return ref
 
-    def verify(self, ref: ArtifactRef) -> list[str]:
-        """Files whose bytes no longer match the manifest (missing, extra or changed)."""
+    def _mismatches(self, ref: ArtifactRef, actual: dict[str, str]) -> list[str]:
         expected = self.manifest(ref.fingerprint)["files"]
-        if not ref.dir.is_dir():
-            return sorted(expected)
-        _, actual = hash_tree(ref.dir)
         return sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
 
+    def verify(self, ref: ArtifactRef) -> list[str]:
+        """Files whose bytes in the store no longer match the manifest (missing, extra or
+        changed); with a URL root, the remote bytes."""
+        if self.remote:
+            return self._mismatches(ref, self.remote.file_hashes(f"objects/{ref.content_hash}"))
+        return self._mismatches(ref, hash_tree(ref.dir)[1] if ref.dir.is_dir() else {})
+
+    def _pull_object(self, ref: ArtifactRef) -> None:
+        staging = self.staging_dir()
+        try:
+            self.remote.fetch_dir(f"objects/{ref.content_hash}", staging)
+            ref.dir.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(staging, ref.dir)
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not ref.dir.is_dir():
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
     def open_verified(self, ref: ArtifactRef) -> Path:
-        """The artifact's directory, after every file's bytes matched the manifest; otherwise
-        IntegrityError naming each file that differs, so corrupt bytes are never loaded."""
-        bad = self.verify(ref)
+        """The artifact's local directory (fetched first from a remote store), after every
+        file's bytes matched the manifest; otherwise IntegrityError naming each file that
+        differs, so corrupt bytes are never loaded."""
+        if self.remote and not ref.dir.is_dir():
+            self._pull_object(ref)
+        bad = self._mismatches(ref, hash_tree(ref.dir)[1] if ref.dir.is_dir() else {})
         if bad:
             raise IntegrityError(
                 f"artifact {ref.key} ({ref.content_hash}) at {ref.path} fails its manifest: "

@@ -80,8 +80,10 @@ class LocalTorchBackend(ConfigurableResource, LocalTorchSettings):
             "pack_length": self.pack_length,
         }
 
-    def create_training_client(self, base_model: Path, lora_rank: int = 0, seed: int = 0) -> LocalTrainingClient:
-        return LocalTrainingClient(
+    def create_training_client(self, base_model: Path, lora_rank: int = 0, seed: int = 0,
+                               client_cls: type[LocalTrainingClient] | None = None) -> LocalTrainingClient:
+        """`client_cls`: a LocalTrainingClient subclass, e.g. one rank of data-parallel training."""
+        return (client_cls or LocalTrainingClient)(
             base_model,
             lora_rank=lora_rank,
             seed=seed,
@@ -174,11 +176,18 @@ class LocalTrainingClient:
 
     def _target_logprobs(self, batch: Batch) -> torch.Tensor:
         with self._autocast():
-            logits_R_L_V = self.model(input_ids=batch.input_ids_R_L, position_ids=batch.positions_R_L,
+            logits_R_L_V = self._module()(input_ids=batch.input_ids_R_L, position_ids=batch.positions_R_L,
                                       attention_mask=batch.attention_R_1_L_L).logits
         targets_R_L = batch.inputs["target_tokens"]
         nll = F.cross_entropy(logits_R_L_V.float().flatten(0, 1), targets_R_L.flatten(), reduction="none")
         return -nll.view_as(targets_R_L) * batch.inputs["mask"]
+
+    def _module(self) -> torch.nn.Module:
+        """What the forward pass calls; data parallelism wraps the model here."""
+        return self.model
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
 
     def _chunks(self, data: list[Datum]) -> list[list[Datum]]:
         size = self.micro_batch_size or len(data)
@@ -192,7 +201,7 @@ class LocalTrainingClient:
             batch = self._collate(chunk)
             logprobs_R_L = self._target_logprobs(batch)
             loss, metrics = loss_of(batch, logprobs_R_L)
-            loss.backward()
+            self._backward(loss)
             layout = {"tokens:real": batch.inputs["mask"].sum().item(), "tokens:slots": batch.inputs["mask"].numel()}
             for k, v in (metrics | layout).items():
                 totals[k] = totals.get(k, 0.0) + v

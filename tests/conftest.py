@@ -47,21 +47,25 @@ def tree_digest(root: Path) -> str:
     return h.hexdigest()
 
 
-def run_job(name: str, run_config: dict, raise_on_error: bool = True):
-    from dagster import DagsterInstance
+def run_job(name: str, run_config: dict, raise_on_error: bool = True, assets: list[str] | None = None):
+    """`assets`: materialize only these keys of the job (e.g. up to the checkpoint)."""
+    from dagster import AssetKey, DagsterInstance
 
     from crucible_jobs import defs
 
     job = defs.resolve_job_def(name)
+    selection = [AssetKey.from_user_string(k) for k in assets] if assets else None
     with DagsterInstance.get() as instance:
-        return job.execute_in_process(run_config=config_for(name, run_config), instance=instance, raise_on_error=raise_on_error)
+        return job.execute_in_process(run_config=config_for(name, run_config, selection), instance=instance,
+                                      raise_on_error=raise_on_error, asset_selection=selection)
 
 
-def config_for(name: str, run_config: dict) -> dict:
-    """One shared config for every recipe: keep the ops that job `name` has."""
+def config_for(name: str, run_config: dict, selection=None) -> dict:
+    """One shared config for every recipe: keep the ops that job `name` (or its `selection`) has."""
     from crucible_jobs import defs
 
-    ops = {n.name for n in defs.resolve_job_def(name).graph.nodes}
+    job = defs.resolve_job_def(name)
+    ops = {n.name for n in (job.get_subset(asset_selection=set(selection)) if selection else job).graph.nodes}
     return {**run_config, "ops": {k: v for k, v in run_config.get("ops", {}).items() if k in ops}}
 
 

@@ -448,6 +448,45 @@ def test_two_processes_materializing_the_same_asset_yield_one_artifact(tmp_path)
     assert list((root / "tmp").iterdir()) == []
 
 
+TRAIN_SAME = """
+import sys, time
+from pathlib import Path
+from resources.artifact_store import ArtifactStore
+root, go, me = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+def build(out, work):
+    save = work / "step_0000002"
+    assert not save.exists(), "a second trainer found the first one's save"
+    Path(root, "training_" + me).touch()
+    save.mkdir()
+    while not go.exists():
+        time.sleep(0.01)
+    (out / "weights.bin").write_bytes(me.encode())
+ref, built = ArtifactStore(root=root).build_once("race/checkpoint", "b" * 32, build, {}, log=lambda m: print(m, flush=True))
+print("built" if built else "hit", ref.content_hash, flush=True)
+"""
+
+
+def test_two_processes_training_the_same_fingerprint_train_it_once(tmp_path):
+    """The second waits for the first instead of resuming from its half-done work dir."""
+    root, go = tmp_path / "store", tmp_path / "go"
+    root.mkdir()
+    run = lambda i: subprocess.Popen([sys.executable, "-c", TRAIN_SAME, str(root), str(go), str(i)],  # noqa: E731
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     cwd=Path(__file__).resolve().parents[1])
+    first = run(1)
+    while not (root / "training_1").exists():
+        assert first.poll() is None, first.communicate()
+    second = run(2)
+    assert "another process is materializing fingerprint " + "b" * 32 in second.stdout.readline()
+    go.touch()
+    outs = [p.communicate() for p in (first, second)]
+    assert [p.returncode for p in (first, second)] == [0, 0], outs
+    (built, h1), (hit, h2) = (o.split() for o, _ in outs)
+    assert (built, hit) == ("built", "hit") and h1 == h2
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("training_")) == ["training_1"]
+    assert ArtifactStore(root=str(root)).verify(ArtifactStore(root=str(root)).lookup("b" * 32)) == []
+
+
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_save(populated, tmp_path):
     import math
 
@@ -488,7 +527,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_save(populate
 
 
 def mount_tmpfs(path: Path, size: str) -> bool:
-    path.mkdir()
+    path.mkdir(parents=True)
     try:
         return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                               capture_output=True).returncode == 0
@@ -514,6 +553,41 @@ def test_full_filesystem_fails_cleanly_and_half_writes_nothing(tmp_path):
         assert list((disk / "store" / "refs").iterdir()) == []
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_full_filesystem_during_a_training_save_keeps_the_last_good_save(populated, tmp_path):
+    """The work dir fits one save but not a second beside it: the step-4 save fails with
+    ENOSPC, leaves no partial save, the step-2 save still loads, and nothing is published."""
+    import pyarrow.parquet as pq
+
+    from crucible_assets.supervised import train_supervised
+    from crucible_assets.training import TrainConfig
+    from resources.local_torch import LocalTorchBackend
+
+    crucible, _ = populated
+    source = ArtifactStore(root=str(crucible / "store"))
+    rows = [(r["tokens"], r["weights"]) for r in pq.read_table(source.latest("sl_basic/tokenized").dir / "train.parquet").to_pylist()[:32]]
+    backend = LocalTorchBackend(device="cpu")
+    new_client = lambda: backend.create_training_client(source.latest("sl_basic/base_model").dir, 0, 0)  # noqa: E731
+    probe = TrainConfig(max_steps=2, batch_size=4, save_every=1, eval_every=100, warmup_steps=0)
+    train_supervised(new_client(), rows, rows[:4], probe, tmp_path / "probe", lambda _: None)
+    one_save = sum(p.stat().st_size for p in (tmp_path / "probe").rglob("*") if p.is_file())  # with optimizer moments
+    client = new_client()
+    store = ArtifactStore(root=str(tmp_path / "store"))
+    if not mount_tmpfs(store.base / "work", f"{int(one_save * 1.5) // 4096 * 4096 + 65536}"):
+        pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
+    try:
+        fp = "a" * 32
+        cfg = TrainConfig(max_steps=6, batch_size=4, save_every=2, eval_every=100, warmup_steps=0)
+        # safetensors raises its own error type, with the OS's message
+        with pytest.raises(Exception, match=r"No space left on device|\[Errno 28\]"):
+            store.write("full/checkpoint", fp, lambda out: train_supervised(client, rows, rows[:4], cfg, store.work_dir(fp), lambda _: None), {})
+        assert sorted(p.name for p in store.work_dir(fp).iterdir()) == ["step_0000002"]
+        assert store.lookup(fp) is None and not (store.base / "objects").exists()
+        assert list((store.base / "tmp").iterdir()) == []
+        new_client().load_state(store.work_dir(fp) / "step_0000002")
+    finally:
+        subprocess.run(["umount", str(store.base / "work")], check=False)
 
 
 @pytest.mark.slow
