@@ -5,14 +5,14 @@ out_dir; work_dir survives a crash for resumable work and is removed on publish.
 
 from __future__ import annotations
 
-import base64
 import time
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from dagster import AssetExecutionContext, DataVersion, MetadataValue, Output
+from dagster import AssetExecutionContext, DataVersion, Output
 
+from crucible_assets.ui_metadata import to_metadata
 from resources.artifact_store import ArtifactRef, ArtifactStore, fingerprint
 
 PACKAGES = ("torch", "transformers", "peft", "tokenizers", "dagster", "datasets")
@@ -58,24 +58,6 @@ def cached_artifact(
     if cached:
         context.log.info(f"cache hit for {key}: fingerprint {fp}, data version {ref.content_hash}")
         store.open_verified(ref)  # a hit hands these bytes downstream; never corrupt ones
-    summary = store.manifest(fp)["summary"]
-    return Output(ref, data_version=DataVersion(ref.content_hash), metadata=to_metadata(ref, summary, cached))
-
-
-def to_metadata(ref: ArtifactRef, summary: dict, cached: bool) -> dict[str, Any]:
-    meta: dict[str, Any] = {
-        "data_version": ref.content_hash,
-        "fingerprint": ref.fingerprint,
-        "path": MetadataValue.path(ref.path),
-        "cached": cached,
-    }
-    for k, v in summary.items():
-        if k == "plots":
-            for name in v:
-                png = base64.b64encode((ref.dir / name).read_bytes()).decode()
-                meta[Path(name).stem] = MetadataValue.md(f"![{name}](data:image/png;base64,{png})")
-        elif isinstance(v, (int, float, str, bool)):
-            meta[k] = v
-        else:
-            meta[k] = MetadataValue.json(v)
-    return meta
+    manifest = store.manifest(fp)
+    return Output(ref, data_version=DataVersion(ref.content_hash),
+                  metadata=to_metadata(ref, manifest["summary"], cached, manifest["code_version"]))

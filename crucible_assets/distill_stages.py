@@ -14,9 +14,10 @@ from crucible_assets.evaluation import EvalConfig
 from crucible_assets.math_grading import grade
 from crucible_assets.placement import TRAINING_STEP
 from crucible_assets.rl import ENVS
-from crucible_assets.stages import eval_report_asset, key, read_examples, save_checkpoint, stop_of
+from crucible_assets.stages import eval_report_asset, key, read_examples, save_checkpoint, stop_of, tracked
 from resources.artifact_store import ArtifactRef, ArtifactStore
 from resources.backend import TrainingBackendResource
+from resources.tracking import TrackingResource
 from resources.training_backend import SamplingParams
 
 
@@ -83,13 +84,13 @@ def teacher_samples_asset(recipe: str, config_cls: type[TeacherSamplesConfig]):
 
 
 def distill_checkpoint_asset(recipe: str, config_cls: type[DistillConfig]):
-    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="2", kinds={"pytorch", "huggingface"}, **TRAINING_STEP,
+    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="3", kinds={"pytorch", "huggingface"}, **TRAINING_STEP,
            ins={"tokenized": AssetIn(key=key(recipe, "tokenized")), "base_model": AssetIn(key=key(recipe, "base_model")),
                 "teacher": AssetIn(key=key(recipe, "teacher")), "teacher_samples": AssetIn(key=key(recipe, "teacher_samples"))},
            description="The student distilled from the teacher: cross-entropy on the teacher's samples (off-policy), "
                        "reverse KL on its own samples scored by the teacher (on-policy), or one then the other.")
     def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
-                    tokenized: ArtifactRef, base_model: ArtifactRef, teacher: ArtifactRef,
+                    tracking: TrackingResource, tokenized: ArtifactRef, base_model: ArtifactRef, teacher: ArtifactRef,
                     teacher_samples: ArtifactRef) -> Output[ArtifactRef]:
         config.check(context.asset_key.to_user_string())
 
@@ -102,10 +103,11 @@ def distill_checkpoint_asset(recipe: str, config_cls: type[DistillConfig]):
                                             read_examples(tokenized, "test"), config, stop_of(tokenized), work, context.log.info)
             return save_checkpoint(student, out, rows, telemetry, "distill_loss", "test/teacher_kl")
 
-        return cached_artifact(context, store, config=config.model_dump(),
-                               upstream={"tokenized": tokenized, "base_model": base_model, "teacher": teacher,
-                                         "teacher_samples": teacher_samples},
-                               build=build, backend=backend.identity())
+        output = cached_artifact(context, store, config=config.model_dump(),
+                                 upstream={"tokenized": tokenized, "base_model": base_model, "teacher": teacher,
+                                           "teacher_samples": teacher_samples},
+                                 build=build, backend=backend.identity())
+        return tracked(context, store, tracking, output)
 
     return _checkpoint
 

@@ -9,9 +9,10 @@ from crucible_assets.caching import cached_artifact
 from crucible_assets.evaluation import EvalConfig
 from crucible_assets.placement import TRAINING_STEP
 from crucible_assets.preference import DpoConfig, completion_logps, evaluate_preferences, train_dpo
-from crucible_assets.stages import eval_report_asset, key, read_examples, save_checkpoint
+from crucible_assets.stages import eval_report_asset, key, read_examples, save_checkpoint, tracked
 from resources.artifact_store import ArtifactRef, ArtifactStore
 from resources.backend import TrainingBackendResource
+from resources.tracking import TrackingResource
 
 REF_COLUMNS = ("chosen_logps", "chosen_tokens", "rejected_logps", "rejected_tokens")
 
@@ -46,13 +47,14 @@ def reference_logprobs_asset(recipe: str):
 
 
 def dpo_checkpoint_asset(recipe: str, config_cls: type[DpoConfig]):
-    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="1", kinds={"pytorch", "huggingface"}, **TRAINING_STEP,
+    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="2", kinds={"pytorch", "huggingface"}, **TRAINING_STEP,
            ins={"tokenized": AssetIn(key=key(recipe, "tokenized")), "base_model": AssetIn(key=key(recipe, "base_model")),
                 "reference_logprobs": AssetIn(key=key(recipe, "reference_logprobs"))},
            description="DPO fine-tune of the starting model against its cached reference log-probs: HF model dir, "
                        "resumable optimizer state, per-step metrics (TRL names) and a loss curve.")
     def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
-                    tokenized: ArtifactRef, base_model: ArtifactRef, reference_logprobs: ArtifactRef) -> Output[ArtifactRef]:
+                    tracking: TrackingResource, tokenized: ArtifactRef, base_model: ArtifactRef,
+                    reference_logprobs: ArtifactRef) -> Output[ArtifactRef]:
         config.check(context.asset_key.to_user_string())
 
         def build(out, work):
@@ -62,9 +64,10 @@ def dpo_checkpoint_asset(recipe: str, config_cls: type[DpoConfig]):
                                         config, work, context.log.info)
             return save_checkpoint(client, out, rows, telemetry, "dpo_loss", "test/dpo_loss")
 
-        return cached_artifact(context, store, config=config.model_dump(),
-                               upstream={"tokenized": tokenized, "base_model": base_model, "reference_logprobs": reference_logprobs},
-                               build=build, backend=backend.identity())
+        output = cached_artifact(context, store, config=config.model_dump(),
+                                 upstream={"tokenized": tokenized, "base_model": base_model, "reference_logprobs": reference_logprobs},
+                                 build=build, backend=backend.identity())
+        return tracked(context, store, tracking, output)
 
     return _checkpoint
 

@@ -105,11 +105,26 @@ def sampled_accuracy(start: TrainingClient, trained: TrainingClient, tokenizer, 
     return report
 
 
+def compared_metrics(report: dict) -> list[str]:
+    """The metrics reported for both the trained and the starting model."""
+    return sorted(k for k in report if f"start/{k}" in report and not k.endswith("_ci"))
+
+
+def comparison_rows(report: dict) -> list[dict]:
+    """One row per compared metric: trained value with its CI, the starting model's value,
+    and the paired gain with its CI where the report has one (None where it has not)."""
+    def ci(name):
+        return f"[{report[name][0]:.4f}, {report[name][1]:.4f}]" if name in report else None
+
+    return [{"metric": k, "value": report[k], "ci": ci(f"{k}_ci"), "start": report[f"start/{k}"],
+             "delta": report.get(f"{k}_delta"), "delta_ci": ci(f"{k}_delta_ci")} for k in compared_metrics(report)]
+
+
 def markdown(report: dict) -> str:
     """A table of every metric reported for both the trained and the starting model, then
     each paired delta with its CI, then sample completions."""
     lines = ["| metric | trained | start | 95% CI (trained) |", "|---|---|---|---|"]
-    for key in sorted(k for k in report if f"start/{k}" in report and not k.endswith("_ci")):
+    for key in compared_metrics(report):
         ci = report.get(f"{key}_ci")
         ci_text = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
         lines.append(f"| {key} | {report[key]:.4f} | {report['start/' + key]:.4f} | {ci_text} |")

@@ -7,6 +7,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# Per-step series a checkpoint plots next to its loss curve, when its rows carry them
+# (TRL / tinker-cookbook names): what the reward did and how far the policy moved.
+EXTRA_CURVES = {
+    "reward_curve": ("env/all/reward/total", "env/all/correct", "rewards/chosen", "rewards/rejected", "rewards/margins"),
+    "kl_curve": ("optim/kl_sample_train_v1", "teacher_kl", "teacher_kl/forward"),
+}
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
 
 def loss_curve(rows: list[dict], path: Path, train_key: str, eval_key: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -15,9 +28,25 @@ def loss_curve(rows: list[dict], path: Path, train_key: str, eval_key: str) -> N
     ax.plot([r["step"] for r in evals], [r[eval_key] for r in evals], "o-", label=eval_key)
     ax.set_xlabel("step")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
+    _save(fig, path)
+
+
+def extra_curves(rows: list[dict], out: Path) -> list[str]:
+    """Writes each EXTRA_CURVES plot whose series the rows carry; returns the file names."""
+    written = []
+    for name, keys in EXTRA_CURVES.items():
+        present = [k for k in keys if any(k in r for r in rows)]
+        if not present:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for k in present:
+            points = [r for r in rows if k in r]
+            ax.plot([r["step"] for r in points], [r[k] for r in points], label=k)
+        ax.set_xlabel("step")
+        ax.legend()
+        _save(fig, out / f"{name}.png")
+        written.append(f"{name}.png")
+    return written
 
 
 def comparison(labels: list[str], values: list[float], errors: list[tuple[float, float]], ylabel: str, path: Path) -> None:
@@ -25,6 +54,4 @@ def comparison(labels: list[str], values: list[float], errors: list[tuple[float,
     yerr = [[v - lo for v, (lo, _) in zip(values, errors)], [hi - v for v, (_, hi) in zip(values, errors)]]
     ax.bar(labels, values, yerr=yerr, capsize=6, color=["#999999", "#3b7dd8"])
     ax.set_ylabel(ylabel)
-    fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
+    _save(fig, path)

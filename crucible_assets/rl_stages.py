@@ -8,9 +8,10 @@ from crucible_assets.caching import cached_artifact
 from crucible_assets.evaluation import EvalConfig
 from crucible_assets.placement import TRAINING_STEP
 from crucible_assets.rl import RlConfig, evaluate_rl, train_rl
-from crucible_assets.stages import eval_report_asset, key, read_examples, save_checkpoint, stop_of
+from crucible_assets.stages import eval_report_asset, key, read_examples, save_checkpoint, stop_of, tracked
 from resources.artifact_store import ArtifactRef, ArtifactStore
 from resources.backend import TrainingBackendResource
+from resources.tracking import TrackingResource
 
 
 class RlEvalConfig(EvalConfig):
@@ -18,12 +19,12 @@ class RlEvalConfig(EvalConfig):
 
 
 def rl_checkpoint_asset(recipe: str, config_cls: type[RlConfig]):
-    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="1", kinds={"pytorch", "huggingface"}, **TRAINING_STEP,
+    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="2", kinds={"pytorch", "huggingface"}, **TRAINING_STEP,
            ins={"tokenized": AssetIn(key=key(recipe, "tokenized")), "base_model": AssetIn(key=key(recipe, "base_model"))},
            description="RL with verifiable rewards: groups of sampled answers per problem, group-centered rewards, "
                        "importance-sampling or PPO loss on the sampled tokens; HF model dir, state, metrics, reward curve.")
     def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
-                    tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
+                    tracking: TrackingResource, tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
         config.check(context.asset_key.to_user_string())
 
         def build(out, work):
@@ -33,9 +34,10 @@ def rl_checkpoint_asset(recipe: str, config_cls: type[RlConfig]):
                                        read_examples(tokenized, "test"), config, stop_of(tokenized), work, context.log.info)
             return save_checkpoint(client, out, rows, telemetry, "env/all/reward/total", "test/accuracy")
 
-        return cached_artifact(context, store, config=config.model_dump(),
-                               upstream={"tokenized": tokenized, "base_model": base_model},
-                               build=build, backend=backend.identity())
+        output = cached_artifact(context, store, config=config.model_dump(),
+                                 upstream={"tokenized": tokenized, "base_model": base_model},
+                                 build=build, backend=backend.identity())
+        return tracked(context, store, tracking, output)
 
     return _checkpoint
 

@@ -24,6 +24,7 @@ from resources.backend import TrainingBackendResource
 from resources.dataset_sources import DatasetConfig, load_records, split_records, validate_record
 from resources.hf_io import check_safetensors, load_tokenizer
 from resources.registry import ModelRegistry
+from resources.tracking import TrackingResource
 
 EMBEDDED = "embedded"
 
@@ -58,7 +59,8 @@ def base_model_asset(recipe: str, start_from: str | None = None, stage: str = "b
     start_key = key(start_from, "registered_model") if start_from else AssetKey(["base", base])
 
     @asset(key=key(recipe, stage), group_name=recipe, code_version="2", kinds={"huggingface"}, deps=[start_key],
-           description=f"The starting model (default: {start_key.to_user_string()}), snapshotted into the store so lineage reaches its bytes.")
+           description=f"The model this recipe starts from (default: {start_key.to_user_string()}; or any local HF "
+                       "model dir or hub id), copied into the artifact store so the lineage reaches its exact bytes.")
     def _base_model(context: AssetExecutionContext, config: BaseModelConfig, store: ArtifactStore,
                     registry: ModelRegistry) -> Output[ArtifactRef]:
         if config.base_model == EMBEDDED:
@@ -95,8 +97,10 @@ def base_model_asset(recipe: str, start_from: str | None = None, stage: str = "b
 
 def dataset_asset(recipe: str, config_cls: type[DatasetConfig], validate=validate_record):
     """`validate` normalizes each source record (conversations and documents by default)."""
-    @asset(key=key(recipe, "dataset"), group_name=recipe, code_version="1", kinds={"json"},
-           description="Raw records from the configured source, validated, with a seeded held-out split.")
+    @asset(key=key(recipe, "dataset"), group_name=recipe, code_version="1", kinds={"json", "great_expectations"},
+           description="The training records, read from the configured source (a generated task, a local JSONL/Parquet "
+                       "file or a hub dataset), validated, split into train and held-out test. Great Expectations "
+                       "checks block the rest of the recipe when the data are malformed.")
     def _dataset(context: AssetExecutionContext, config: config_cls, store: ArtifactStore) -> Output[ArtifactRef]:
         records = load_records(config, validate)  # raises on bad input before anything is written
         train, test = split_records(records, config.test_fraction, config.seed)
@@ -118,7 +122,9 @@ def tokenized_asset(recipe: str, config_cls: type[TokenizeConfig], kind: str = "
     """`kind`: sft (tokens + weights per example) or pairs (chosen/rejected completions)."""
     @asset(key=key(recipe, "tokenized"), group_name=recipe, code_version="2", kinds={"parquet"},
            ins={"dataset": AssetIn(key=key(recipe, "dataset")), "base_model": AssetIn(key=key(recipe, "base_model"))},
-           description="Parquet shards of token ids and loss weights, rendered with the model's chat template.")
+           description="The dataset turned into training input: each example rendered with the model's chat template, "
+                       "tokenized, and given a loss weight per token (1 on what the model should learn to say). "
+                       "Parquet shards, one per split.")
     def _tokenized(context: AssetExecutionContext, config: config_cls, store: ArtifactStore,
                    dataset: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
         if config.max_length < 2:
@@ -139,14 +145,16 @@ def read_examples(tokenized: ArtifactRef, split: str) -> list[dict]:
 
 
 def save_checkpoint(client, out: Path, rows: list[dict], telemetry: dict, loss_key: str, eval_key: str) -> dict:
-    """Sampler weights (HF dir), resumable state, per-step metrics and the loss curve."""
+    """Sampler weights (HF dir), resumable state, per-step metrics, the loss curve and, when
+    the rows carry them, reward and KL curves."""
     client.save_weights_for_sampler(out / "model")
     client.save_state(out / "state")
     (out / "metrics.jsonl").write_text(_jsonl(rows))
     plots.loss_curve(rows, out / "loss_curve.png", loss_key, eval_key)
+    extra = plots.extra_curves(rows, out)
     final_eval = {k: v for k, v in [r for r in rows if eval_key in r][-1].items() if k.startswith("test/")}
     return {"steps": len(rows), loss_key: rows[-1][loss_key], **final_eval,
-            "train_tokens": sum(r["num_tokens"] for r in rows), **telemetry, "plots": ["loss_curve.png"]}
+            "train_tokens": sum(r["num_tokens"] for r in rows), **telemetry, "plots": ["loss_curve.png", *extra]}
 
 
 def write_report(out: Path, report: dict, metric: str, ylabel: str) -> dict:
@@ -158,6 +166,12 @@ def write_report(out: Path, report: dict, metric: str, ylabel: str) -> dict:
     return {k: v for k, v in report.items() if k != "samples"} | {"plots": ["comparison.png"]}
 
 
+def tracked(context: AssetExecutionContext, store: ArtifactStore, tracking: TrackingResource, output: Output) -> Output:
+    """Hands a checkpoint to the enabled tracking sinks (MLflow, TensorBoard), trained now or cached."""
+    tracking.record_checkpoint(output.value, store.manifest(output.value.fingerprint), context.log.info)
+    return output
+
+
 def stop_of(tokenized: ArtifactRef) -> list[str]:
     return json.loads((tokenized.dir / "render.json").read_text())["stop"]
 
@@ -165,11 +179,12 @@ def stop_of(tokenized: ArtifactRef) -> list[str]:
 def sft_checkpoint_asset(recipe: str, config_cls: type[SupervisedTrainConfig]):
     @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version="2", kinds={"pytorch", "huggingface"}, **TRAINING_STEP,
            ins={"tokenized": AssetIn(key=key(recipe, "tokenized")), "base_model": AssetIn(key=key(recipe, "base_model"))},
-           description="Supervised fine-tune (cross-entropy on weighted target tokens): HF model dir, "
-                       "resumable optimizer state, per-step metrics.jsonl and a loss curve. "
-                       "nproc_per_node > 1 trains data-parallel under torchrun, streamed back through Dagster Pipes.")
+           description="The fine-tuned model: supervised training (cross-entropy on the weighted target tokens) of the "
+                       "starting model. Holds an HF model dir, the optimizer state to resume from, per-step "
+                       "metrics.jsonl and the loss curve. nproc_per_node > 1 trains data-parallel under torchrun, "
+                       "streamed back through Dagster Pipes.")
     def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
-                    tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
+                    tracking: TrackingResource, tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
         config.check(context.asset_key.to_user_string())
 
         def build(out, work):
@@ -180,9 +195,10 @@ def sft_checkpoint_asset(recipe: str, config_cls: type[SupervisedTrainConfig]):
                                                config, work, context.log.info)
             return save_checkpoint(client, out, rows, telemetry, "train_mean_nll", "test/nll")
 
-        return cached_artifact(context, store, config=config.model_dump(),
-                               upstream={"tokenized": tokenized, "base_model": base_model},
-                               build=build, backend=backend.identity())
+        output = cached_artifact(context, store, config=config.model_dump(),
+                                 upstream={"tokenized": tokenized, "base_model": base_model},
+                                 build=build, backend=backend.identity())
+        return tracked(context, store, tracking, output)
 
     return _checkpoint
 
@@ -233,7 +249,8 @@ def evaluate_sft(start, trained, rows: list[dict], config: EvalConfig, _train_co
 
 def sft_eval_report_asset(recipe: str, config_cls: type[EvalConfig]):
     return eval_report_asset(recipe, config_cls, evaluate_sft, "test/nll", "test/nll (nats/token)", code_version="2",
-                             description="Held-out NLL, bits per byte and answer accuracy vs. the starting model, with bootstrap CIs.")
+                             description="How much training helped, on held-out examples: NLL, bits per byte and answer "
+                                         "accuracy of the trained model vs. the starting model, with bootstrap CIs.")
 
 
 def model_card(recipe: str, lineage_edge: str, started_from: dict, report: dict, upstream: dict[str, str]) -> str:
@@ -252,10 +269,11 @@ def registered_model_asset(recipe: str, lineage_edge: str, metric: str = "test/n
     `lineage_edge` points at the model snapshot `lineage_stage` (the start, or a teacher)."""
     @asset(key=key(recipe, "registered_model"), group_name=recipe, code_version="2", kinds={"huggingface"},
            ins={"checkpoint": AssetIn(key=key(recipe, "checkpoint")), "eval_report": AssetIn(key=key(recipe, "eval_report"))},
-           description="A registry version of the checkpoint: HF-format export with a model card; "
-                       "gated by the eval report's blocking check.")
+           description="The checkpoint published as a new registry version (crucible models): HF-format export with a "
+                       "model card. Only created when the eval report's blocking check says it beat its start.")
     def _registered_model(context: AssetExecutionContext, store: ArtifactStore, registry: ModelRegistry,
-                          backend: TrainingBackendResource, checkpoint: ArtifactRef, eval_report: ArtifactRef) -> Output[ArtifactRef]:
+                          backend: TrainingBackendResource, tracking: TrackingResource, checkpoint: ArtifactRef,
+                          eval_report: ArtifactRef) -> Output[ArtifactRef]:
         report = json.loads((eval_report.dir / "report.json").read_text())
         ckpt_manifest = store.manifest(checkpoint.fingerprint)
         upstream_versions = {u["key"]: u["content_hash"] for u in ckpt_manifest["upstream"]}
@@ -279,6 +297,7 @@ def registered_model_asset(recipe: str, lineage_edge: str, metric: str = "test/n
                         "datasets": {k: v for k, v in upstream_versions.items() if k != edge_key}},
             "run_id": context.run_id,
         }, metric=metric, lower_is_better=lower_is_better)
+        tracking.link_registration(checkpoint, entry, recipe)
         return Output(ref, data_version=output.data_version, metadata={**output.metadata, "registry_version": entry["version"]})
 
     return _registered_model

@@ -20,6 +20,7 @@ import numpy as np
 from dagster import Config
 from pydantic import Field
 
+from crucible_assets.progress import ProgressLog
 from crucible_assets.schedules import learning_rate
 from resources.training_backend import AdamParams, TrainingClient
 
@@ -123,6 +124,7 @@ def train(
         start = int(last.name.split("_")[1])
         log(f"resuming from {last} at step {start}/{steps}")
     tokens_seen, slots, unpacked_slots, t0 = 0, 0, 0, time.perf_counter()
+    progress = ProgressLog(steps, start, log)
     for step in range(start, steps):
         metrics = step_fn(step, batch_indices(step, num_examples, cfg.batch_size, cfg.seed))
         lr = learning_rate(step, steps, cfg.learning_rate, cfg.lr_schedule, cfg.warmup_steps, cfg.min_lr_ratio)
@@ -140,11 +142,7 @@ def train(
         rows.append(row)
         if done % cfg.save_every == 0 and done < steps and _writes(client):
             _save(client, work_dir, done, rows)
-        if done % 10 == 0 or done == steps:
-            elapsed = time.perf_counter() - t0
-            eta = (steps - done) * elapsed / (done - start)
-            evaluated = "".join(f" {k} {v:.4f}" for k, v in row.items() if k.startswith("test/"))
-            log(f"step {done}/{steps} {loss_key} {row[loss_key]:.4f}{evaluated} {tokens_seen / elapsed:,.0f} tok/s eta {eta:.0f}s")
+        progress.step(done, metrics["num_tokens"], row, loss_key)
     elapsed = time.perf_counter() - t0
     telemetry = {
         "train_seconds": elapsed,

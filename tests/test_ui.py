@@ -1,0 +1,262 @@
+"""The Dagster UI and the tracking sinks, end to end: one tiny sl_basic run with MLflow and
+TensorBoard turned on, then `dagster-webserver` on 127.0.0.1 over the same homes. A GraphQL
+client launches the recipe job and polls it to success; headless Chromium opens the asset
+graph and a checkpoint page (groups, metadata, the loss-curve image, the Plots tab) and saves
+screenshots; the `mlflow` CLI lists the run with its metrics."""
+
+import copy
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_RUN_CONFIG, config_for, env_with, run_job
+
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOTS = Path(os.environ.get("CRUCIBLE_TEST_ARTIFACTS", REPO / "test-artifacts")) / "ui"
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+HEADLESS_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1600,1000"]
+# the webserver launches runs itself: no daemon here to dequeue them
+RUN_AT_ONCE = "run_coordinator:\n  module: dagster._core.run_coordinator\n  class: DefaultRunCoordinator\n"
+RECIPE_GROUPS = ["base", "sl_basic", "chat_sl", "dpo", "math_rl", "distillation"]
+READY_WITHIN_S = 240  # a start-up deadline (imports torch on two busy cores), not a timing assertion
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def homes_after_run(tmp_path_factory):
+    """CRUCIBLE_HOME and DAGSTER_HOME after one tiny sl_basic run with both tracking sinks on."""
+    root = tmp_path_factory.mktemp("ui")
+    crucible, dagster = root / "crucible", root / "dagster"
+    dagster.mkdir()
+    (dagster / "dagster.yaml").write_text(RUN_AT_ONCE)
+    config = copy.deepcopy(TINY_RUN_CONFIG)
+    config["resources"] = {"tracking": {"config": {"mlflow": True, "tensorboard": True}}}
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CRUCIBLE_HOME", str(crucible))
+        env.setenv("DAGSTER_HOME", str(dagster))
+        assert run_job("sl_basic", config).success
+        yield crucible, dagster
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local IPv4/IPv6 addresses with a socket listening on `port`, from /proc/net."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
+                found.add(address)
+    return found
+
+
+@pytest.fixture(scope="module")
+def webserver(homes_after_run, tmp_path_factory):
+    crucible, dagster = homes_after_run
+    port = free_port()
+    log = tmp_path_factory.mktemp("webserver") / "webserver.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dagster_webserver", "-h", "127.0.0.1", "-p", str(port),
+                                 "-m", "crucible_jobs"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                env=env_with(CRUCIBLE_HOME=str(crucible), DAGSTER_HOME=str(dagster)), start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + READY_WITHIN_S
+        while True:
+            assert proc.poll() is None, f"dagster-webserver exited:\n{log.read_text()[-3000:]}"
+            try:
+                urllib.request.urlopen(f"{url}/server_info", timeout=5)
+                break
+            except OSError:
+                assert time.time() < deadline, f"dagster-webserver not up in {READY_WITHIN_S}s:\n{log.read_text()[-3000:]}"
+                time.sleep(1)
+        yield port, url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def test_webserver_listens_on_loopback_only(webserver):
+    port, _ = webserver
+    assert listening_addresses(port) == {"0100007F"}  # 127.0.0.1, little-endian hex; no 0.0.0.0, no ::
+
+
+def test_graphql_client_launches_a_recipe_job_and_it_succeeds(webserver):
+    from dagster import DagsterRunStatus
+    from dagster_graphql import DagsterGraphQLClient
+
+    port, _ = webserver
+    client = DagsterGraphQLClient("127.0.0.1", port_number=port)
+    # ten fewer steps: a new checkpoint, so the Plots tab charts two different materializations
+    config = copy.deepcopy(TINY_RUN_CONFIG)
+    config["ops"]["sl_basic__checkpoint"]["config"]["max_steps"] = 30
+    run_id = client.submit_job_execution("sl_basic", run_config=config_for("sl_basic", config))
+    finished = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+    deadline = time.time() + 300
+    while (status := client.get_run_status(run_id)) not in finished:
+        assert time.time() < deadline, f"run {run_id} still {status}"
+        time.sleep(2)
+    assert status == DagsterRunStatus.SUCCESS
+
+
+@pytest.fixture
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("chromium and chromedriver are not installed (Debian: apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="crucible-chromium-")
+    for flag in HEADLESS_FLAGS + [f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.implicitly_wait(0)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait_for(driver, condition, what: str, within_s: float = 60):
+    """Polls `condition(driver)` until truthy (the UI renders asynchronously)."""
+    deadline = time.time() + within_s
+    while not (found := condition(driver)):
+        assert time.time() < deadline, f"the UI never showed {what}; page text:\n{body_text(driver)[:2000]}"
+        time.sleep(0.5)
+    return found
+
+
+def body_text(driver) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def click_text(driver, text: str, what: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    wait_for(driver, lambda d: d.find_elements(By.XPATH, f"//*[contains(text(), '{text}')]"), what)[-1].click()
+
+
+def dismiss_newsletter(driver) -> None:
+    """The UI's first visit opens a 'Join the Dagster community' dialog over the page."""
+    from selenium.webdriver.common.by import By
+
+    for button in driver.find_elements(By.XPATH, "//button[normalize-space()='Skip']"):
+        button.click()
+
+
+def test_browser_shows_recipe_groups_checkpoint_metadata_and_plots(webserver, browser, capsys):
+    from selenium.webdriver.common.by import By
+
+    _, url = webserver
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with capsys.disabled():
+        print(f"\nUI screenshots: {SCREENSHOTS}")
+
+    browser.get(f"{url}/asset-groups")  # global lineage: one collapsed group per recipe
+    wait_for(browser, lambda d: all(g in body_text(d).split("\n") for g in RECIPE_GROUPS), "every recipe group")
+    dismiss_newsletter(browser)
+    browser.save_screenshot(str(SCREENSHOTS / "1_recipe_groups.png"))
+
+    browser.get(f"{url}/locations/crucible_jobs/asset-groups/sl_basic")  # one recipe's asset graph
+    stages = ["base_model", "dataset", "tokenized", "checkpoint", "eval_report", "registered_model"]
+    wait_for(browser, lambda d: all(s in body_text(d).split("\n") for s in stages), "sl_basic's stages in its graph")
+    dismiss_newsletter(browser)
+    time.sleep(1)  # let the graph finish its layout animation before the picture
+    browser.save_screenshot(str(SCREENSHOTS / "2_sl_basic_graph.png"))
+
+    browser.get(f"{url}/assets/sl_basic/checkpoint")
+    wait_for(browser, lambda d: "train_mean_nll" in body_text(d), "the checkpoint's metadata")
+    dismiss_newsletter(browser)
+    text = body_text(browser)
+    for shown in ("code_version", "metrics_file", "model_dir", "tokens_per_second", "test/nll", "post-training", "PyTorch", "Hugging Face",
+                  "The fine-tuned model"):
+        assert shown in text, f"{shown!r} missing from the checkpoint page"
+    browser.save_screenshot(str(SCREENSHOTS / "3_checkpoint_metadata.png"))
+
+    click_text(browser, "Show Markdown", "the loss_curve markdown")
+    image = wait_for(browser, lambda d: [i for i in d.find_elements(By.CSS_SELECTOR, "img[src^='data:image/png']")
+                                         if int(i.get_attribute("naturalWidth") or 0) > 0], "the loss-curve PNG")[0]
+    assert image.is_displayed() and image.get_attribute("alt") == "loss_curve.png"
+    browser.save_screenshot(str(SCREENSHOTS / "4_checkpoint_loss_curve.png"))
+    click_text(browser, "Close", "the dialog's Close button")
+
+    wait_for(browser, lambda d: [b for b in d.find_elements(By.XPATH, "//button[normalize-space()='Plots']")
+                                 if b.is_displayed()], "the Plots tab")[0].click()
+    plot = wait_for(browser, lambda d: d.find_elements(By.XPATH, "//*[normalize-space()='train_mean_nll']"),
+                    "the train_mean_nll plot")[0]
+    canvases = wait_for(browser, lambda d: d.find_elements(By.TAG_NAME, "canvas"), "a chart canvas")
+    assert any(c.size["width"] > 100 and c.size["height"] > 50 for c in canvases)
+    browser.execute_script("arguments[0].scrollIntoView({block: 'start'});", plot)
+    time.sleep(1)
+    browser.save_screenshot(str(SCREENSHOTS / "5_checkpoint_plots.png"))
+
+    browser.get(f"{url}/assets/sl_basic/eval_report")
+    table = wait_for(browser, lambda d: d.find_elements(By.XPATH, "//tr[.//td[normalize-space()='eval_table']]//table"),
+                     "the eval report's comparison table")[0]
+    rows = table.text.splitlines()
+    assert rows[0].split() == ["metric", "value", "ci", "start", "delta", "delta_ci"]
+    assert any(r.startswith("test/nll ") for r in rows) and any(r.startswith("test/accuracy ") for r in rows)
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center', inline: 'nearest'});", table)
+    browser.save_screenshot(str(SCREENSHOTS / "6_eval_table.png"))
+
+
+def mlflow_cli(crucible: Path, *args: str) -> str:
+    mlflow = Path(sys.executable).with_name("mlflow")
+    done = subprocess.run([str(mlflow), *args], capture_output=True, text=True, timeout=300,
+                          env=env_with(MLFLOW_TRACKING_URI=(crucible / "mlruns").as_uri(), MLFLOW_ALLOW_FILE_STORE="true"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_mlflow_lists_the_run_with_its_metrics_and_tensorboard_has_the_scalars(homes_after_run, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    crucible, _ = homes_after_run
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(crucible / "mlruns").as_uri())
+    experiment_id = client.get_experiment_by_name("crucible").experiment_id
+    runs = [line for line in mlflow_cli(crucible, "runs", "list", "--experiment-id", experiment_id).splitlines()
+            if "sl_basic/checkpoint@" in line]
+    assert len(runs) == 1
+    run = json.loads(mlflow_cli(crucible, "runs", "describe", "--run-id", runs[0].split()[-1]))
+    metrics, params, tags = run["data"]["metrics"], run["data"]["params"], run["data"]["tags"]
+    assert {"train_mean_nll", "test/nll", "learning_rate", "grad_norm"} <= set(metrics)
+    assert params["max_steps"] == "40" and params["learning_rate"] == "0.003"
+    assert tags["crucible.registry_version"] == "sl_basic:1"
+    assert tags["crucible.asset_key"] == "sl_basic/checkpoint"
+
+    history = client.get_metric_history(run["info"]["run_id"], "train_mean_nll")
+    assert sorted(m.step for m in history) == list(range(40))  # per step, not just the last value
+    files = {Path(f.path).name for f in client.list_artifacts(run["info"]["run_id"], "checkpoint/model")}
+    assert "model.safetensors" in files
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (logdir,) = (crucible / "tensorboard" / "sl_basic" / "checkpoint").iterdir()
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    assert [s.step for s in events.Scalars("train_mean_nll")] == list(range(40))
