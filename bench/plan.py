@@ -9,9 +9,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Plan:
     reps: int = 3
-    batch_size: int = 16          # sequences (SFT), pairs (DPO) or completions (RL) per step
-    sft_steps: int = 8
-    dpo_steps: int = 4
+    batch_size: int = 8           # sequences (SFT), pairs (DPO) or completions (RL) per step
+    sft_steps: int = 3
+    dpo_steps: int = 2
     rl_steps: int = 2
     group_size: int = 4
     rl_max_tokens: int = 16

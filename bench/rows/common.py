@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 from pathlib import Path
 
@@ -36,3 +38,9 @@ def our_train_config(config_cls, plan, steps: int, **fields):
     """Our loop's config matching `trl_args`: constant lr, no mid-run eval or saves."""
     return config_cls(learning_rate=plan.learning_rate, lr_schedule="constant", warmup_steps=0, batch_size=plan.batch_size,
                       max_steps=steps, eval_every=10**6, save_every=10**6, **fields)
+
+
+def train_quietly(trainer) -> None:
+    """Trainer.train prints its final metrics dict; the bench prints only its table."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.train()

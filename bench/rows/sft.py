@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from bench.result import Row
-from bench.rows.common import TRL_TUNED, hf_model, our_client, our_train_config, trl_args
+from bench.rows.common import TRL_TUNED, hf_model, our_client, our_train_config, trl_args, train_quietly
 from bench.timing import interleaved, medians, timed
 from bench.workload import MAX_LENGTH
 from crucible_assets.supervised import train_supervised
@@ -36,7 +36,7 @@ def run(w, plan) -> list[Row]:
             args = trl_args(SFTConfig, plan, plan.sft_steps, per_device_train_batch_size=plan.batch_size,
                             max_length=MAX_LENGTH, **fields)
             trainer = SFTTrainer(model=hf_model(w.model_dir), args=args, train_dataset=chats, processing_class=w.tokenizer)
-            return real_tokens / timed(trainer.train)
+            return real_tokens / timed(lambda: train_quietly(trainer))
         return rep
 
     m = medians(interleaved({"ours": ours, "trl": trl(), "trl_fp32": trl(**TRL_TUNED)}, plan.reps))
