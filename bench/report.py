@@ -31,8 +31,8 @@ def markdown(rows: list[Row], machine: dict, command: str, plan: dict, seconds: 
         out.append(f"### {r.name}")
         out.append("")
         out += [f"- {k}: {_fmt(v)}" for k, v in r.details.items()]
-        if r.limit:
-            out.append(f"- below target because: {r.limit}" if not r.met else f"- note: {r.limit}")
+        if not r.met:
+            out.append(f"- below target; what limits it: {r.limit}")
         out.append("")
     out += ["## Plan", "", *[f"- {k}: {v}" for k, v in plan.items()], ""]
     return "\n".join(out)

@@ -18,6 +18,9 @@ from bench.result import Row
 from bench.timing import timed
 
 # the tiny model of tests/conftest.py: for --quick, where only the harness is under test
+STARTUP = ("each `dagster job execute` is a fresh process that imports dagster, torch, transformers and Great "
+           "Expectations and loads every recipe's Definitions; the blocking dataset checks run again on a cache hit, "
+           "and every hit re-hashes the artifact it hands downstream")
 REPO = Path(__file__).resolve().parents[2]
 TINY_MODEL = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128}
 
@@ -56,7 +59,7 @@ def run(w, plan) -> list[Row]:
                "training steps": plan.orchestration_steps}
     return [
         Row("Orchestration overhead", "(dagster job - bare) seconds / 60 s", overhead / 60, 0.10, higher_is_better=False,
-            details=details | {"overhead seconds": overhead, "overhead / this run": overhead / first}),
+            details=details | {"overhead seconds": overhead, "overhead / this run": overhead / first}, limit=STARTUP),
         Row("Cache-hit re-run", "re-run seconds / first run seconds", rerun / first, 0.05, higher_is_better=False,
-            details=details),
+            details=details, limit=STARTUP),
     ]
