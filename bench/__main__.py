@@ -58,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.rows.split(","):
         print(f"running {name} ...", flush=True)
-        new = importlib.import_module(f"bench.rows.{name}").run(workload, plan)
+        try:
+            new = importlib.import_module(f"bench.rows.{name}").run(workload, plan)
+        except ModuleNotFoundError as e:
+            if e.name != "trl":
+                raise
+            sys.exit(f"row {name} races TRL, which is not installed: pip install -c constraints-cpu.txt -e '.[bench]'")
         if name == "sft":
             new += mfu_rows(new[0], workload, machine)
         for r in new:
