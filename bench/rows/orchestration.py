@@ -56,7 +56,7 @@ def run(w, plan) -> list[Row]:
     rerun = _run(job, env)
     overhead = first - bare
     details = {"bare seconds": bare, "dagster first run seconds": first, "dagster cache-hit re-run seconds": rerun,
-               "training steps": plan.orchestration_steps}
+               "training steps": plan.orchestration_steps, "repetitions": "1 each, in order bare, job, re-run (not interleaved)"}
     return [
         Row("Orchestration overhead", "(dagster job - bare) seconds / 60 s", overhead / 60, 0.10, higher_is_better=False,
             details=details | {"overhead seconds": overhead, "overhead / this run": overhead / first}, limit=STARTUP),
