@@ -48,12 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     from bench.workload import build_workload
 
     plan = QUICK if args.quick else Plan()
+    scratch = tempfile.TemporaryDirectory(prefix="bench_")  # every row's temp dirs, removed at exit
+    tempfile.tempdir = scratch.name
     t0 = time.perf_counter()
     machine = machine_info(plan.peak_seconds)
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads, "
           f"peaks fp32 {machine['peak_fp32_flops'] / 1e9:.1f} / bf16 {machine['peak_bf16_flops'] / 1e9:.1f} GFLOP/s", flush=True)
     n = max(plan.sft_steps, plan.dpo_steps) * plan.batch_size
-    workload = build_workload(Path(tempfile.mkdtemp(prefix="bench_")), num_chats=n, num_pairs=n,
+    workload = build_workload(Path(tempfile.mkdtemp(prefix="workload_")), num_chats=n, num_pairs=n,
                               num_problems=max(plan.sample_prompts, plan.rl_steps * plan.batch_size))
     rows = []
     for name in args.rows.split(","):
