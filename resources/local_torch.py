@@ -53,6 +53,16 @@ class LocalTorchSettings(Config):
     trust_remote_code: bool = False
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 in the CPU flags (Linux); False where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 class LocalTorchBackend(ConfigurableResource, LocalTorchSettings):
     """Trains in this process with PyTorch."""
 
@@ -66,9 +76,9 @@ class LocalTorchBackend(ConfigurableResource, LocalTorchSettings):
             return self.precision
         if self.resolved_device() == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        # measured here: bf16 autocast on CPU ran the tiny recipe model 20x slower than fp32
-        # (per-op casts dominate at this size), so CPUs default to fp32
-        return "fp32"
+        # without bf16 instructions the CPU emulates bf16 matmuls: measured 10-20x slower than
+        # fp32 on an AVX2-only EPYC (bench/RESULTS.md records both peaks)
+        return "bf16" if cpu_has_native_bf16() else "fp32"
 
     def identity(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,55 @@
+"""sl_basic's work without Dagster, the store or the checks: the same functions the assets
+call (tokenizer, tiny model, records, tokenized shards, training loop, checkpoint, eval), in
+one plain process. The orchestration row times this against `dagster job execute`.
+
+    python -m bench.bare_sl_basic ROOT RUN_CONFIG.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(root: Path, run_config: dict) -> None:
+    from crucible_assets.base_assets import TinyModelConfig, TokenizerConfig
+    from crucible_assets.base_models import build_tiny_llama, train_tokenizer
+    from crucible_assets.stages import _jsonl, evaluate_sft, save_checkpoint
+    from crucible_assets.supervised import train_supervised
+    from crucible_assets.tokenizing import tokenize_splits
+    from recipes.sl_basic import SlBasicDataset, SlBasicEval, SlBasicTokenize, SlBasicTrain
+    from resources.dataset_sources import load_records, split_records, validate_record
+    from resources.local_torch import LocalTorchBackend
+    import pyarrow.parquet as pq
+
+    ops = run_config.get("ops", {})
+    cfg = lambda name, cls: cls(**ops.get(name, {}).get("config", {}))  # noqa: E731
+    tok_cfg, model_cfg = cfg("base__tokenizer", TokenizerConfig), cfg("base__tiny_llama", TinyModelConfig)
+    data_cfg, tokenize_cfg = cfg("sl_basic__dataset", SlBasicDataset), cfg("sl_basic__tokenized", SlBasicTokenize)
+    train_cfg, eval_cfg = cfg("sl_basic__checkpoint", SlBasicTrain), cfg("sl_basic__eval_report", SlBasicEval)
+    dirs = {name: root / name for name in ("tokenizer", "model", "dataset", "tokenized", "work", "checkpoint")}
+    for d in dirs.values():
+        d.mkdir(parents=True)
+
+    train_tokenizer(dirs["tokenizer"], tok_cfg.vocab_size, tok_cfg.seed)
+    build_tiny_llama(dirs["tokenizer"], dirs["model"], model_cfg.hidden_size, model_cfg.num_layers, model_cfg.num_heads,
+                     model_cfg.intermediate_size, model_cfg.max_position_embeddings, model_cfg.seed)
+    train, test = split_records(load_records(data_cfg, validate_record), data_cfg.test_fraction, data_cfg.seed)
+    (dirs["dataset"] / "train.jsonl").write_text(_jsonl(train))
+    (dirs["dataset"] / "test.jsonl").write_text(_jsonl(test))
+    backend = LocalTorchBackend()
+    client = backend.create_training_client(dirs["model"], train_cfg.lora_rank, train_cfg.seed)
+    summary = tokenize_splits(dirs["dataset"], dirs["tokenized"], client.tokenizer, "sft", tokenize_cfg.max_length,
+                              tokenize_cfg.train_on_what, tokenize_cfg.renderer)
+    rows = {split: pq.read_table(dirs["tokenized"] / f"{split}.parquet").to_pylist() for split in ("train", "test")}
+    pairs = {split: [(r["tokens"], r["weights"]) for r in rs] for split, rs in rows.items()}
+    metrics, telemetry = train_supervised(client, pairs["train"], pairs["test"], train_cfg, dirs["work"], log=lambda _: None)
+    save_checkpoint(client, dirs["checkpoint"], metrics, telemetry, "train_mean_nll", "test/nll")
+    start = backend.create_training_client(dirs["model"], 0, eval_cfg.seed)
+    trained = backend.create_training_client(dirs["checkpoint"] / "model", 0, eval_cfg.seed)
+    evaluate_sft(start, trained, rows["test"], eval_cfg, {}, summary["stop"])
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text()))

@@ -1,0 +1,27 @@
+"""How much each row runs: the default plan keeps the whole suite near ten minutes on two
+busy cores; `--quick` is a smoke run that only proves the harness works."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Plan:
+    reps: int = 3
+    batch_size: int = 8           # sequences (SFT), pairs (DPO) or completions (RL) per step
+    sft_steps: int = 3
+    dpo_steps: int = 2
+    rl_steps: int = 2
+    group_size: int = 4
+    rl_max_tokens: int = 16
+    sample_prompts: int = 16
+    sample_max_tokens: int = 24
+    tokenize_rows: int = 2000
+    learning_rate: float = 1e-3
+    orchestration_steps: int = 300  # sl_basic's default job: about a minute on two cores
+    peak_seconds: float = 2.0
+
+
+QUICK = Plan(reps=1, batch_size=4, sft_steps=2, dpo_steps=1, rl_steps=1, group_size=2, rl_max_tokens=4,
+             sample_prompts=4, sample_max_tokens=4, tokenize_rows=50, orchestration_steps=2, peak_seconds=0.2)

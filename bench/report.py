@@ -1,0 +1,45 @@
+"""The results table on the terminal and in RESULTS.md, with the machine it ran on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.result import Row
+
+GFLOP = 1e9
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| row | measure | value | target | met |", "| --- | --- | ---: | ---: | :---: |"]
+    lines += [f"| {r.name} | {r.measure} | {r.value:.3g} | {r.target_text} | {'yes' if r.met else '**no**'} |" for r in rows]
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def markdown(rows: list[Row], machine: dict, command: str, plan: dict, seconds: float) -> str:
+    out = ["# Crucible benchmark results", "", f"Command: `{command}` ({seconds:.0f} s in all).", "",
+           "Each row runs ours and the reference back to back on the same ~10M-parameter Llama (Crucible's locally "
+           "trained tokenizer) and data, repetitions interleaved (order alternating), medians. Ratios above 1 mean "
+           "ours is faster.", "", "## Machine", ""]
+    for k, v in machine.items():
+        out.append(f"- {k}: {v / GFLOP:.1f} GFLOP/s" if k.startswith("peak_") else f"- {k}: {v}")
+    out += ["", "## Results", "", table(rows), "", "## Details", ""]
+    for r in rows:
+        out.append(f"### {r.name}")
+        out.append("")
+        out += [f"- {k}: {_fmt(v)}" for k, v in r.details.items()]
+        if not r.met:
+            out.append(f"- below target; what limits it: {r.limit}")
+        out.append("")
+    out += ["## Plan", "", *[f"- {k}: {v}" for k, v in plan.items()], ""]
+    return "\n".join(out)
+
+
+def write(path: Path, text: str) -> None:
+    """Temp file + rename: a crashed run never leaves half a report."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,1 @@
+"""One module per benchmark row; each `run(workload, plan)` returns its `Row`s."""

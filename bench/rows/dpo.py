@@ -1,0 +1,55 @@
+"""DPO: ours (the frozen reference's completion log-probs computed once, then train_dpo's
+steps) against TRL's DPOTrainer with an explicit ref_model (it scores the reference every
+step). Rate: preference pairs per second, reference log-probs included on both sides."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from bench.result import Row
+from bench.rows.common import TRL_TUNED, hf_model, our_client, our_train_config, trl_args, train_quietly
+from bench.timing import interleaved, medians, timed
+from bench.workload import MAX_LENGTH
+from crucible_assets.preference import DpoConfig, completion_logps, train_dpo
+
+
+def trl_pairs(records: list[dict]) -> list[dict]:
+    """TRL's explicit-prompt conversational format: shared turns, then each last answer."""
+    return [{"prompt": r["chosen"][:-1], "chosen": r["chosen"][-1:], "rejected": r["rejected"][-1:]} for r in records]
+
+
+def run(w, plan) -> list[Row]:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    n = plan.dpo_steps * plan.batch_size
+    rows = w.pair_rows[:n]
+    pairs = Dataset.from_list(trl_pairs(w.pairs[:n]))
+
+    def ours() -> float:
+        policy, reference = our_client(w.model_dir), our_client(w.model_dir)
+        cfg = our_train_config(DpoConfig, plan, plan.dpo_steps)
+
+        def work():
+            ref = completion_logps(reference, rows)
+            test = {k: v[:2] for k, v in ref.items()}
+            train_dpo(policy, rows, ref, rows[:2], test, cfg, Path(tempfile.mkdtemp()), log=lambda _: None)
+
+        return n / timed(work)
+
+    def trl(**fields):
+        def rep() -> float:
+            args = trl_args(DPOConfig, plan, plan.dpo_steps, per_device_train_batch_size=plan.batch_size,
+                            max_length=MAX_LENGTH, **fields)
+            trainer = DPOTrainer(model=hf_model(w.model_dir), ref_model=hf_model(w.model_dir), args=args,
+                                 train_dataset=pairs, processing_class=w.tokenizer)
+            return n / timed(lambda: train_quietly(trainer))
+        return rep
+
+    m = medians(interleaved({"ours": ours, "trl": trl(), "trl_fp32": trl(**TRL_TUNED)}, plan.reps))
+    details = {"ours pairs/s": m["ours"], "TRL (defaults) pairs/s": m["trl"], "TRL (fp32, no ckpt) pairs/s": m["trl_fp32"],
+               "ratio vs TRL fp32": m["ours"] / m["trl_fp32"], "steps": plan.dpo_steps, "pairs per step": plan.batch_size}
+    return [Row("DPO", "pairs/s incl. reference log-probs, ours / TRL DPOTrainer (defaults)", m["ours"] / m["trl"], 2.0,
+                details=details, limit="both sides run the policy on chosen and rejected; ours saves only the reference "
+                "forward (cached log-probs), and at this size per-step fixed costs (AdamW over every weight) weigh as much")]

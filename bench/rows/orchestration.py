@@ -1,0 +1,65 @@
+"""Orchestration: `dagster job execute -j sl_basic` (checks, content-addressed store,
+registry, event log) against the same stages called bare (bench/bare_sl_basic.py), each a
+fresh process; then the same job again, every asset a cache hit. Overhead is expressed as
+a fraction of a one-minute job; the re-run as a fraction of the first run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from bench.result import Row
+from bench.timing import timed
+
+# the tiny model of tests/conftest.py: for --quick, where only the harness is under test
+STARTUP = ("each `dagster job execute` is a fresh process that imports dagster, torch, transformers and Great "
+           "Expectations and loads every recipe's Definitions; the blocking dataset checks run again on a cache hit, "
+           "and every hit re-hashes the artifact it hands downstream")
+REPO = Path(__file__).resolve().parents[2]
+TINY_MODEL = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128}
+
+
+def run_config(plan) -> dict:
+    ops = {"sl_basic__checkpoint": {"config": {"max_steps": plan.orchestration_steps}}}
+    if plan.orchestration_steps < 50:
+        ops |= {"base__tiny_llama": {"config": TINY_MODEL}, "sl_basic__dataset": {"config": {"num_examples": 200}},
+                "sl_basic__eval_report": {"config": {"max_tokens": 4, "bootstrap_samples": 50}}}
+    return {"ops": ops}
+
+
+def _run(cmd: list[str], env: dict) -> float:
+    def call():
+        done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return timed(call)
+
+
+def run(w, plan) -> list[Row]:
+    root = Path(tempfile.mkdtemp(prefix="bench_orch_"))
+    config = run_config(plan)
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    (root / "run.json").write_text(json.dumps(config))
+    (root / "dagster").mkdir()
+    env = os.environ | {"DAGSTER_HOME": str(root / "dagster"), "CRUCIBLE_HOME": str(root / "crucible"),
+                        "DAGSTER_MODULE_NAME": "crucible_jobs"}
+    dagster = str(Path(sys.executable).with_name("dagster"))
+    job = [dagster, "job", "execute", "-j", "sl_basic", "-c", str(root / "run.yaml")]
+    bare = _run([sys.executable, "-m", "bench.bare_sl_basic", str(root / "bare"), str(root / "run.json")], env)
+    first = _run(job, env)
+    rerun = _run(job, env)
+    overhead = first - bare
+    details = {"bare seconds": bare, "dagster first run seconds": first, "dagster cache-hit re-run seconds": rerun,
+               "training steps": plan.orchestration_steps, "repetitions": "1 each, in order bare, job, re-run (not interleaved)"}
+    return [
+        Row("Orchestration overhead", "(dagster job - bare) seconds / 60 s", overhead / 60, 0.10, higher_is_better=False,
+            details=details | {"overhead seconds": overhead, "overhead / this run": overhead / first}, limit=STARTUP),
+        Row("Cache-hit re-run", "re-run seconds / first run seconds", rerun / first, 0.05, higher_is_better=False,
+            details=details, limit=STARTUP),
+    ]

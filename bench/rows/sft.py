@@ -1,0 +1,47 @@
+"""SFT: our supervised loop (forward_backward cross_entropy + optim_step on packed batches)
+against TRL's SFTTrainer on the same chats, batch, max_length, steps and lr. Rate: real
+(non-padding) tokens per second; both sides train the same examples once."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from bench.result import Row
+from bench.rows.common import TRL_TUNED, hf_model, our_client, our_train_config, trl_args, train_quietly
+from bench.timing import interleaved, medians, timed
+from bench.workload import MAX_LENGTH
+from crucible_assets.supervised import train_supervised
+from crucible_assets.training import TrainConfig
+
+
+def run(w, plan) -> list[Row]:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    n = plan.sft_steps * plan.batch_size
+    examples = [(r["tokens"], r["weights"]) for r in w.sft_rows[:n]]
+    real_tokens = sum(len(t) for t, _ in examples)
+    chats = Dataset.from_list(w.chats[:n])
+
+    def ours() -> float:
+        client = our_client(w.model_dir)
+        cfg = our_train_config(TrainConfig, plan, plan.sft_steps)
+        seconds = timed(lambda: train_supervised(client, examples, examples[:2], cfg, Path(tempfile.mkdtemp()), log=lambda _: None))
+        ours.last_seconds = seconds
+        return real_tokens / seconds
+
+    def trl(**fields):
+        def rep() -> float:
+            args = trl_args(SFTConfig, plan, plan.sft_steps, per_device_train_batch_size=plan.batch_size,
+                            max_length=MAX_LENGTH, **fields)
+            trainer = SFTTrainer(model=hf_model(w.model_dir), args=args, train_dataset=chats, processing_class=w.tokenizer)
+            return real_tokens / timed(lambda: train_quietly(trainer))
+        return rep
+
+    m = medians(interleaved({"ours": ours, "trl": trl(), "trl_fp32": trl(**TRL_TUNED)}, plan.reps))
+    details = {"ours tokens/s": m["ours"], "TRL (defaults) tokens/s": m["trl"], "TRL (fp32, no ckpt) tokens/s": m["trl_fp32"],
+               "ratio vs TRL fp32": m["ours"] / m["trl_fp32"], "steps": plan.sft_steps, "batch": plan.batch_size,
+               "real tokens per rep": real_tokens}
+    return [Row("SFT", "real tokens/s, ours / TRL SFTTrainer (defaults)", m["ours"] / m["trl"], 1.5, details=details,
+                limit="per-step fixed costs (collation, the block mask, AdamW over every weight) weigh heavily at this batch size")]
