@@ -84,3 +84,14 @@ def tiny(tmp_path_factory):
     train_tokenizer(root / "tok", 1024, 0)
     build_tiny_llama(root / "tok", root / "model", 64, 2, 4, 128, 256, 0)
     return root / "model"
+
+
+def require_system_package(found: bool, what: str, package: str) -> None:
+    """A test that needs a Debian package skips on a developer's machine without it, but
+    fails under CI, where .ci/run installs it: a broken install step must not pass as a skip."""
+    if found:
+        return
+    message = f"{what} is not installed (Debian: apt-get install {package}; .ci/run installs it)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_system_package
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -24,9 +26,7 @@ def free_port() -> int:
 
 def postgres_bin(name: str) -> str:
     found = shutil.which(name) or max(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), default=None)
-    if not found:
-        raise RuntimeError(f"PostgreSQL's {name} not found: install the Debian package `postgresql` "
-                           "(apt-get install postgresql), as .ci/run does")
+    require_system_package(bool(found), f"PostgreSQL's {name}", "postgresql")
     return found
 
 

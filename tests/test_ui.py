@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RUN_CONFIG, config_for, env_with, run_job
+from conftest import TINY_RUN_CONFIG, config_for, env_with, require_system_package, run_job
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOTS = Path(os.environ.get("CRUCIBLE_TEST_ARTIFACTS", REPO / "test-artifacts")) / "ui"
@@ -120,8 +120,7 @@ def test_graphql_client_launches_a_recipe_job_and_it_succeeds(webserver):
 
 @pytest.fixture
 def browser():
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("chromium and chromedriver are not installed (Debian: apt-get install chromium chromium-driver)")
+    require_system_package(bool(CHROMIUM and CHROMEDRIVER), "chromium and chromedriver", "chromium chromium-driver")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
