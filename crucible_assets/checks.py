@@ -150,7 +150,7 @@ def promotion_gate_check(recipe: str):
     def _promote(context: AssetCheckExecutionContext, store: ArtifactStore, registry: ModelRegistry) -> AssetCheckResult:
         ref = store.latest_verified(key(recipe, "registered_model").to_user_string())
         entry = registry.find(recipe, ref.fingerprint)
-        decision = registry.judge(recipe, entry["version"], who=f"check {recipe}/registered_model:beats_champion (run {context.run_id})")
+        decision = registry.judge(recipe, entry["version"], who=f"check {recipe}/registered_model:beats_champion (run {context.run.run_id})")
         aliases = registry.models()[recipe]["aliases"]
         return AssetCheckResult(passed=decision["passed"], description=decision["reason"],
                                 metadata={**{k: v for k, v in decision.items() if k != "time" and v is not None},
