@@ -119,9 +119,8 @@ def reproduce_chain(ref: ArtifactRef, store: ArtifactStore, scratch_dir: str | N
               + "".join(f"\n    changed: {c}" for c in row.get("changed", []))
               + "".join(f"\n    file differs: {f}" for f in row.get("files", [])))
     first = next((r for r in rows if r["status"] != "identical"), None)
-    machine = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip()
     if first is None:
-        print(f"reproduce passed: all {len(rows)} data versions bit-identical on this machine ({machine}) "
+        print(f"reproduce passed: all {len(rows)} data versions bit-identical on this machine ({machine_type()}) "
               f"in {time.time() - started:.0f} s")
         if not keep:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -131,6 +130,14 @@ def reproduce_chain(ref: ArtifactRef, store: ArtifactStore, scratch_dir: str | N
     if not ok:
         print(f"the scratch run failed; its log: {log}")
     return 1
+
+
+def machine_type() -> str:
+    """What "same machine type" means for a bit-identical claim: architecture, CPU model, cores."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
+    return f"{platform.machine()}, {model or 'unknown CPU'}, {os.cpu_count()} cores"
 
 
 def cmd_models(args, store, registry) -> int:

@@ -107,11 +107,13 @@ class ModelRegistry(ConfigurableResource):
                         "candidate_value": entry["metrics"].get(gate["metric"]), "time": time.time()}
             if champion is None:
                 decision |= {"passed": True, "reason": f"v{version} is the first version judged; it becomes champion"}
+            elif champion == version:  # promoted by hand before its check ran
+                decision |= {"passed": True, "reason": f"v{version} is already champion"}
             else:
                 decision |= _compare(entry, model["versions"][champion - 1], gate)
             entry["decision"] = decision
             events.append(_event("judge", name, version, decision["reason"], who=who, passed=decision["passed"]))
-            if decision["passed"]:
+            if decision["passed"] and champion != version:
                 _move(model, "champion", version, events, name, "promote", decision["reason"], who=who)
         return decision
 

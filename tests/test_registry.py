@@ -147,3 +147,11 @@ def test_second_training_becomes_champion_only_by_the_margin(homes, capsys):
     assert f"{v1['metrics']['test/nll']:.4f}" in nll and f"{v2['metrics']['test/nll'] - v1['metrics']['test/nll']:+.4f}" in nll
     assert "sl_basic/dataset.seed: 0 -> 1" in report and "sl_basic/checkpoint.max_steps: 20 -> 40" in report
     assert json.dumps(v1["data_hashes"]["sl_basic/dataset"])[1:-1] in report
+
+
+def test_compare_ci_widens_with_both_models_uncertainty():
+    from crucible_jobs.cli import difference_ci
+
+    assert difference_ci(0.1, None, [0.0, 1.0]) is None
+    lo, hi = difference_ci(-0.2, [0.9, 1.1], [0.7, 0.9])  # each CI half-width 0.1 -> se 0.1/1.96
+    assert abs((hi - lo) / 2 - 0.1 * 2 ** 0.5) < 1e-9 and abs((hi + lo) / 2 + 0.2) < 1e-9
