@@ -177,15 +177,22 @@ def cmd_compare(args, store, registry) -> int:
         ci = difference_ci(vb - va, a.get("metric_cis", {}).get(metric), b.get("metric_cis", {}).get(metric))
         ci_text = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "n/a"
         print(f"{metric:<32}{va:>14.4f}{vb:>14.4f}{vb - va:>+12.4f}  {ci_text}")
-    configs = [{m["key"]: m["config"] for m in store.ancestry(e["fingerprint"])} for e in (a, b)]
+    configs = [chain_configs(store, e) for e in (a, b)]
     changes = list(reproduce.diff(*configs))
-    print("\nconfig diff (asset.field: a -> b):" if changes else "\nconfigs identical")
+    print("\nconfig diff (asset.field: a -> b; a model's own stages without its recipe prefix):" if changes else "\nconfigs identical")
     for path, va, vb in changes:
         print(f"  {path.lstrip('.')}: {va!r} -> {vb!r}")
     data = list(reproduce.diff(a.get("data_hashes", {}), b.get("data_hashes", {})))
     for path, va, vb in data:
         print(f"  data {path.lstrip('.')}: {va} -> {vb}")
     return 0
+
+
+def chain_configs(store: ArtifactStore, entry: dict) -> dict:
+    """Config of every artifact in a model's chain; its own recipe's stages are keyed by
+    stage alone, so two recipes' models line up stage by stage."""
+    own = entry["asset_key"].split("/")[0] + "/"
+    return {m["key"].removeprefix(own): m["config"] for m in store.ancestry(entry["fingerprint"])}
 
 
 def difference_ci(delta: float, ci_a: list | None, ci_b: list | None) -> tuple[float, float] | None:

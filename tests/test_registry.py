@@ -145,7 +145,7 @@ def test_second_training_becomes_champion_only_by_the_margin(homes, capsys):
     report = capsys.readouterr().out
     nll = next(line for line in report.splitlines() if line.startswith("test/nll "))
     assert f"{v1['metrics']['test/nll']:.4f}" in nll and f"{v2['metrics']['test/nll'] - v1['metrics']['test/nll']:+.4f}" in nll
-    assert "sl_basic/dataset.seed: 0 -> 1" in report and "sl_basic/checkpoint.max_steps: 20 -> 40" in report
+    assert "  dataset.seed: 0 -> 1" in report and "  checkpoint.max_steps: 20 -> 40" in report
     assert json.dumps(v1["data_hashes"]["sl_basic/dataset"])[1:-1] in report
 
 
