@@ -1,16 +1,18 @@
 """Blocking asset checks. Dataset checks run Great Expectations 1.x (ephemeral context,
 pandas batch) on the stored records; the eval gate keeps a model that is not better than
-its start out of the registry."""
+its start out of the registry; the promotion gate makes a registered version champion only
+if it beats the current one."""
 
 
 import json
 import logging
 
 import pandas as pd
-from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, multi_asset_check, asset_check
+from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, multi_asset_check, asset_check
 
 from crucible_assets.stages import key
 from resources.artifact_store import ArtifactStore
+from resources.registry import ModelRegistry
 
 logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
@@ -137,3 +139,21 @@ def length_check(recipe: str):
                                 metadata={**metadata, "truncated": truncated})
 
     return _lengths
+
+
+def promotion_gate_check(recipe: str):
+    """Judges the version the run registered against the champion (the metric and margin
+    recorded at registration); a failure leaves `champion` where it was and says why."""
+    @asset_check(asset=key(recipe, "registered_model"), name="beats_champion", blocking=True,
+                 description="Promotes the new version to champion if its gate metric beats the champion's by more than "
+                             "the margin (registered_model config promotion_margin); otherwise the champion stays.")
+    def _promote(context: AssetCheckExecutionContext, store: ArtifactStore, registry: ModelRegistry) -> AssetCheckResult:
+        ref = store.latest_verified(key(recipe, "registered_model").to_user_string())
+        entry = registry.find(recipe, ref.fingerprint)
+        decision = registry.judge(recipe, entry["version"], who=f"check {recipe}/registered_model:beats_champion (run {context.run.run_id})")
+        aliases = registry.models()[recipe]["aliases"]
+        return AssetCheckResult(passed=decision["passed"], description=decision["reason"],
+                                metadata={**{k: v for k, v in decision.items() if k != "time" and v is not None},
+                                          "champion_now": aliases["champion"]})
+
+    return _promote

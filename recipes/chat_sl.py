@@ -5,7 +5,7 @@ By default it continues from sl_basic's registered model (lineage: chat_sl <- sl
 base) on seeded synthetic multi-turn arithmetic chats. Point `chat_sl__dataset` at a
 tinker-cookbook conversation file, Tulu 3 or no_robots (examples/chat_sl_*.yaml)."""
 
-from crucible_assets.checks import dataset_checks, eval_gate_check, length_check
+from crucible_assets.checks import dataset_checks, eval_gate_check, length_check, promotion_gate_check
 from crucible_assets.evaluation import EvalConfig
 from crucible_assets.stages import (
     TokenizeConfig,
@@ -52,4 +52,4 @@ assets = [
     sft_eval_report_asset(NAME, ChatSlEval),
     registered_model_asset(NAME, lineage_edge="fine_tuned_from"),
 ]
-checks = [dataset_checks(NAME), length_check(NAME), eval_gate_check(NAME)]
+checks = [dataset_checks(NAME), length_check(NAME), eval_gate_check(NAME), promotion_gate_check(NAME)]

@@ -8,7 +8,7 @@ math_rl's one-digit arithmetic questions. `distillation__teacher` and `distillat
 a local HF dir or hub id instead (they must share a tokenizer). Lineage: the registered
 student is `distilled_from` the teacher, whose own lineage reaches its data."""
 
-from crucible_assets.checks import dataset_checks, eval_gate_check, length_check
+from crucible_assets.checks import dataset_checks, eval_gate_check, length_check, promotion_gate_check
 from crucible_assets.distill_stages import (DistillEvalConfig, TeacherSamplesConfig, distill_checkpoint_asset,
                                             distill_eval_report_asset, teacher_samples_asset)
 from crucible_assets.distillation import DistillConfig
@@ -49,4 +49,4 @@ assets = [
                            lineage_stage="teacher"),
 ]
 checks = [dataset_checks(NAME, "problems"), length_check(NAME),
-          eval_gate_check(NAME, delta="test/accuracy_delta", higher_is_better=True)]
+          eval_gate_check(NAME, delta="test/accuracy_delta", higher_is_better=True), promotion_gate_check(NAME)]

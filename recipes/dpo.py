@@ -5,7 +5,7 @@ By default it continues from chat_sl's registered model (lineage dpo <- chat_sl 
 last answer chosen over a near miss. Point `dpo__dataset` at HH-RLHF, UltraFeedback
 binarized or HelpSteer3 preference data (examples/dpo.yaml)."""
 
-from crucible_assets.checks import dataset_checks, eval_gate_check, length_check
+from crucible_assets.checks import dataset_checks, eval_gate_check, length_check, promotion_gate_check
 from crucible_assets.dpo_stages import dpo_checkpoint_asset, dpo_eval_report_asset, reference_logprobs_asset
 from crucible_assets.evaluation import EvalConfig
 from crucible_assets.preference import DpoConfig
@@ -51,4 +51,4 @@ assets = [
     registered_model_asset(NAME, lineage_edge="dpo_trained_from", metric="test/pref_accuracy", lower_is_better=False),
 ]
 checks = [dataset_checks(NAME, "pairs"), length_check(NAME),
-          eval_gate_check(NAME, delta="test/pref_accuracy_delta", higher_is_better=True)]
+          eval_gate_check(NAME, delta="test/pref_accuracy_delta", higher_is_better=True), promotion_gate_check(NAME)]

@@ -7,7 +7,7 @@ base) on sl_basic's one-digit arithmetic questions, graded on the last integer o
 sl_basic's model answers them greedily but not yet reliably when it samples; RL sharpens it. GSM8K
 and MATH load through `datasets` (examples/math_rl.yaml)."""
 
-from crucible_assets.checks import dataset_checks, eval_gate_check, length_check
+from crucible_assets.checks import dataset_checks, eval_gate_check, length_check, promotion_gate_check
 from crucible_assets.rl import RlConfig
 from crucible_assets.rl_stages import RlEvalConfig, rl_checkpoint_asset, rl_eval_report_asset
 from crucible_assets.stages import TokenizeConfig, base_model_asset, dataset_asset, registered_model_asset, tokenized_asset
@@ -47,4 +47,4 @@ assets = [
     registered_model_asset(NAME, lineage_edge="rl_trained_from", metric="test/sample_accuracy", lower_is_better=False),
 ]
 checks = [dataset_checks(NAME, "problems"), length_check(NAME),
-          eval_gate_check(NAME, delta="test/sample_accuracy_delta", higher_is_better=True)]
+          eval_gate_check(NAME, delta="test/sample_accuracy_delta", higher_is_better=True), promotion_gate_check(NAME)]

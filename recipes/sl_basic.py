@@ -3,7 +3,7 @@
 Defaults train the embedded tiny Llama on seeded synthetic arithmetic chats in about a
 minute on two CPU cores. Override any field with `-c overrides.yaml` (examples/)."""
 
-from crucible_assets.checks import dataset_checks, eval_gate_check, length_check
+from crucible_assets.checks import dataset_checks, eval_gate_check, length_check, promotion_gate_check
 from crucible_assets.evaluation import EvalConfig
 from crucible_assets.stages import (
     TokenizeConfig,
@@ -48,4 +48,4 @@ assets = [
     sft_eval_report_asset(NAME, SlBasicEval),
     registered_model_asset(NAME, lineage_edge="fine_tuned_from"),
 ]
-checks = [dataset_checks(NAME), length_check(NAME), eval_gate_check(NAME)]
+checks = [dataset_checks(NAME), length_check(NAME), eval_gate_check(NAME), promotion_gate_check(NAME)]

@@ -198,6 +198,24 @@ class ArtifactStore(ConfigurableResource):
             raise FileNotFoundError(f"no manifest for fingerprint {fp} in {self.base}")
         return json.loads(path.read_text())
 
+    def ancestry(self, fp: str) -> list[dict]:
+        """Manifests of an artifact and every ancestor in the store, each once, upstream
+        first (so the first one that differs between two stores is the one to blame)."""
+        order: list[dict] = []
+        seen: set[str] = set()
+
+        def visit(f: str) -> None:
+            if f in seen or not self._manifest_path(f).exists():
+                return
+            seen.add(f)
+            m = self.manifest(f)
+            for u in m["upstream"]:
+                visit(u["fingerprint"])
+            order.append(m)
+
+        visit(fp)
+        return order
+
     def work_dir(self, fp: str) -> Path:
         path = self.base / "work" / check_hex(fp, "fingerprint")
         path.mkdir(parents=True, exist_ok=True)
