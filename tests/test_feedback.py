@@ -130,7 +130,10 @@ def test_feedback_sensor_triggers_on_new_examples_and_once_per_champion_rating_d
     assert not tick(first.cursor).run_requests  # no new examples since
 
     # the champion's ratings fall: its first two average 4.5, its latest two 2
-    ModelRegistry().register("chat_sl", {"fingerprint": "ab", "metrics": {"test/nll": 1.0}}, metric="test/nll")
+    registry = ModelRegistry()
+    registry.register("chat_sl", {"fingerprint": "ab", "metrics": {"test/nll": 1.0}},
+                      gate={"metric": "test/nll", "lower_is_better": True, "margin": 0.0})
+    registry.judge("chat_sl", 1, who="test")  # the first version becomes champion
     write(folder, "3.jsonl", [feedback(5), feedback(4), feedback(2), feedback(2)])
     drop = tick(first.cursor)
     assert len(drop.run_requests) == 1 and drop.run_requests[0].run_key != request.run_key

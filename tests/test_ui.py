@@ -106,9 +106,10 @@ def test_graphql_client_launches_a_recipe_job_and_it_succeeds(webserver):
 
     port, _ = webserver
     client = DagsterGraphQLClient("127.0.0.1", port_number=port)
-    # ten fewer steps: a new checkpoint, so the Plots tab charts two different materializations
+    # twenty more steps: a new checkpoint, so the Plots tab charts two different materializations,
+    # and a better one, so it passes the promotion gate (beats_champion) and the run succeeds
     config = copy.deepcopy(TINY_RUN_CONFIG)
-    config["ops"]["sl_basic__checkpoint"]["config"]["max_steps"] = 30
+    config["ops"]["sl_basic__checkpoint"]["config"]["max_steps"] = 60
     run_id = client.submit_job_execution("sl_basic", run_config=config_for("sl_basic", config))
     finished = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
     deadline = time.time() + 300
