@@ -94,9 +94,9 @@ def render(tok: PreTrainedTokenizerBase, record: dict, train_on_what: str = "all
 
 def render_with_prompt(tok: PreTrainedTokenizerBase, record: dict, train_on_what: str, renderer: str,
                        with_prompt: bool = True) -> tuple[list[int], list[float], tuple[list[int], str]]:
-    """`render` plus `prompt_and_reference` (([], "") unless with_prompt), sharing the renders and one batched
-    tokenizer call (both texts take the same add_special_tokens; a fast tokenizer encodes a
-    batch exactly as it encodes each text alone)."""
+    """`render` plus `prompt_and_reference` (([], "") unless with_prompt). They share the
+    prefix renders and one tokenizer call: both texts take the same add_special_tokens, and a
+    fast tokenizer encodes a batch exactly as it encodes each text alone."""
     if train_on_what not in TRAIN_ON:
         raise RenderError(f"train_on_what {train_on_what!r} is not one of {TRAIN_ON}")
     if renderer not in RENDERERS:
