@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from crucible_assets.rendering import RenderError, prompt_and_reference, render, stop_sequences
+from crucible_assets.rendering import RenderError, prompt_and_reference, render, render_with_prompt, stop_sequences
 
 TOKENS, WEIGHTS = pa.list_(pa.int32()), pa.list_(pa.float32())
 SCHEMAS = {
@@ -32,16 +32,19 @@ class Renderer:
         self.tok, self.max_length, self.train_on_what, self.renderer = tok, max_length, train_on_what, renderer
         self.truncated = 0
 
-    def __call__(self, messages: list[dict], where: Callable[[], str], train_on_what: str | None = None) -> tuple[list[int], list[float]]:
+    def __call__(self, messages: list[dict], where: Callable[[], str], train_on_what: str | None = None,
+                 with_prompt: bool = False) -> tuple[list[int], list[float], tuple[list[int], str]]:
+        """Truncated ids and weights, and (with_prompt) the untruncated eval prompt and reference."""
         try:
-            tokens, weights = render(self.tok, {"messages": messages}, train_on_what or self.train_on_what, self.renderer)
+            tokens, weights, prompt = render_with_prompt(self.tok, {"messages": messages}, train_on_what or self.train_on_what,
+                                                         self.renderer, with_prompt)
         except RenderError as e:
             raise RenderError(f"{where()}: {e}") from None
         self.truncated += len(tokens) > self.max_length
         tokens, weights = tokens[: self.max_length], weights[: self.max_length]
         if sum(weights[1:]) == 0:
             raise RenderError(f"{where()}: loss weights sum to zero within max_length {self.max_length}")
-        return tokens, weights
+        return tokens, weights, prompt
 
 
 def sft_row(r: Renderer, record: dict, where) -> tuple[dict, list[int]]:
@@ -49,9 +52,9 @@ def sft_row(r: Renderer, record: dict, where) -> tuple[dict, list[int]]:
         tokens, weights = render(r.tok, record)
         r.truncated += len(tokens) > r.max_length
         tokens, weights = tokens[: r.max_length], weights[: r.max_length]
+        prompt, reference = [], ""
     else:
-        tokens, weights = r(record["messages"], lambda: f"{where()}: field 'messages'")
-    prompt, reference = prompt_and_reference(r.tok, record, r.renderer)
+        tokens, weights, (prompt, reference) = r(record["messages"], lambda: f"{where()}: field 'messages'", with_prompt=True)
     target_text = r.tok.decode([t for t, w in zip(tokens[1:], weights[1:]) if w > 0])
     row = {"tokens": tokens, "weights": weights, "prompt_tokens": prompt, "reference": reference,
            "target_bytes": len(target_text.encode())}
@@ -59,11 +62,11 @@ def sft_row(r: Renderer, record: dict, where) -> tuple[dict, list[int]]:
 
 
 def pair_row(r: Renderer, record: dict, where) -> tuple[dict, list[int]]:
-    row = {}
+    row, prompt = {}, {}
     for side in ("chosen", "rejected"):
-        tokens, weights = r(record[side], lambda: f"{where()}: field '{side}'", "last_assistant_message")
-        row[f"{side}_tokens"], row[f"{side}_weights"] = tokens, weights
-    row["prompt_tokens"], row["reference"] = prompt_and_reference(r.tok, {"messages": record["chosen"]}, r.renderer)
+        row[f"{side}_tokens"], row[f"{side}_weights"], prompt[side] = r(
+            record[side], lambda: f"{where()}: field '{side}'", "last_assistant_message", with_prompt=side == "chosen")
+    row["prompt_tokens"], row["reference"] = prompt["chosen"]
     return row, [len(row["chosen_tokens"]), len(row["rejected_tokens"])]
 
 

@@ -41,6 +41,6 @@ def run(w, plan) -> list[Row]:
     m = medians(interleaved({"ours": ours, "datasets": datasets_map}, plan.reps))
     details = {"ours rows/s": m["ours"], "datasets.map rows/s": m["datasets"], "rows": len(chats)}
     return [Row("Tokenization", "rows/s, ours / datasets.map(batched=True)", m["ours"] / m["datasets"], 1.0, details=details,
-                limit="exact loss weights cost two extra chat-template renders per assistant turn (its start and end) and a "
-                "separate prompt render and tokenization per record, plus Parquet I/O; the reference renders once and "
-                "computes no weights")]
+                limit="exact loss weights cost two chat-template renders per assistant turn (the prefixes up to its start "
+                "and end; the last turn's end is the full text and its start the eval prompt), plus Parquet I/O; the "
+                "reference renders once and computes no weights")]
