@@ -10,17 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-from resources.local_torch import cpu_has_native_bf16
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from resources.cpu import cpu_has_native_bf16, cpu_model
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:

@@ -19,6 +19,7 @@ from crucible_assets.evaluation import EvalConfig
 from crucible_assets.placement import TRAINING_STEP
 from crucible_assets.supervised import SupervisedTrainConfig, read_pairs, train_supervised
 from crucible_assets.tokenizing import tokenize_splits
+from crucible_assets.training import read_metrics
 from resources.artifact_store import ArtifactRef, ArtifactStore, fingerprint, hash_tree
 from resources.backend import TrainingBackendResource
 from resources.dataset_sources import DatasetConfig, load_records, split_records, validate_record
@@ -230,8 +231,7 @@ def eval_report_asset(recipe: str, config_cls: type[EvalConfig], evaluate, metri
                               stop_of(tokenized), **extra)
             summary = write_report(out, report, metric, ylabel)
             if curve:
-                steps = [json.loads(line) for line in (checkpoint.dir / "metrics.jsonl").read_text().splitlines()]
-                plots.loss_curve(steps, out / "training_curve.png", *curve)
+                plots.loss_curve(read_metrics(checkpoint.dir), out / "training_curve.png", *curve)
                 summary["plots"].append("training_curve.png")
             return summary
 

@@ -76,6 +76,11 @@ def total_steps(cfg: TrainConfig, n: int) -> int:
     return cfg.max_steps or cfg.num_epochs * -(-n // cfg.batch_size)
 
 
+def read_metrics(directory: Path) -> list[dict]:
+    """The per-step rows of `directory`/metrics.jsonl (a checkpoint or a resumable save)."""
+    return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+
+
 def _last_save(work_dir: Path) -> Path | None:
     saves = sorted(work_dir.glob("step_*"))
     return saves[-1] if saves else None
@@ -120,7 +125,7 @@ def train(
     last = _last_save(work_dir)
     if last is not None:
         client.load_state(last, with_optimizer=True)
-        rows = [json.loads(line) for line in (last / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(last)
         start = int(last.name.split("_")[1])
         log(f"resuming from {last} at step {start}/{steps}")
     tokens_seen, slots, unpacked_slots, t0 = 0, 0, 0, time.perf_counter()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from crucible_jobs import reproduce
 from resources.artifact_store import ArtifactRef, ArtifactStore
+from resources.cpu import cpu_model
 from resources.registry import ModelRegistry
 
 
@@ -134,10 +135,7 @@ def reproduce_chain(ref: ArtifactRef, store: ArtifactStore, scratch_dir: str | N
 
 def machine_type() -> str:
     """What "same machine type" means for a bit-identical claim: architecture, CPU model, cores."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
-    return f"{platform.machine()}, {model or 'unknown CPU'}, {os.cpu_count()} cores"
+    return f"{platform.machine()}, {cpu_model()}, {os.cpu_count()} cores"
 
 
 def cmd_models(args, store, registry) -> int:

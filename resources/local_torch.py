@@ -17,6 +17,7 @@ from dagster import Config, ConfigurableResource
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
+from resources.cpu import cpu_has_native_bf16
 from resources.hf_io import load_model, load_tokenizer
 from resources.losses import BUILTIN_LOSSES
 from resources.packing import auto_capacity, block_causal_mask, pack
@@ -51,16 +52,6 @@ class LocalTorchSettings(Config):
     packing: bool = Field(default=True, description="pack several sequences per row (block-diagonal attention) instead of padding each")
     pack_length: int = Field(default=0, description="row length when packing; 0 = chosen per batch by a compute estimate (1-4x the longest sequence)")
     trust_remote_code: bool = False
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX-BF16 in the CPU flags (Linux); False where they cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class LocalTorchBackend(ConfigurableResource, LocalTorchSettings):

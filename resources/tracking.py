@@ -24,6 +24,7 @@ from typing import Any
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from crucible_assets.training import read_metrics
 from resources.artifact_store import ArtifactRef
 from resources.home import crucible_home
 
@@ -33,8 +34,7 @@ METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 
 def numeric_rows(ref: ArtifactRef) -> list[dict[str, float]]:
     """Per-step numbers of a checkpoint's metrics.jsonl, keyed by metric name."""
-    rows = [json.loads(line) for line in (ref.dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: float(v) for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)} for r in rows]
+    return [{k: float(v) for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)} for r in read_metrics(ref.dir)]
 
 
 def flat_params(config: dict, prefix: str = "") -> dict[str, str]:

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_RUN_CONFIG, config_for, env_with, require_system_package, run_job
+from local_services import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOTS = Path(os.environ.get("CRUCIBLE_TEST_ARTIFACTS", REPO / "test-artifacts")) / "ui"
@@ -49,12 +49,6 @@ def homes_after_run(tmp_path_factory):
         env.setenv("DAGSTER_HOME", str(dagster))
         assert run_job("sl_basic", config).success
         yield crucible, dagster
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening_addresses(port: int) -> set[str]:

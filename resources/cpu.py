@@ -1,0 +1,25 @@
+"""What this CPU is, from /proc/cpuinfo: the precision choice, the bench's machine line and
+the reproduce claim ("same machine type") all ask it."""
+
+from __future__ import annotations
+
+import platform
+
+
+def cpuinfo_field(name: str) -> str:
+    """The first processor's value of `name` ("model name", "flags"); empty where unreadable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == name), "")
+    except OSError:
+        return ""
+
+
+def cpu_model() -> str:
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 in the CPU flags (Linux); False where they cannot be read."""
+    flags = cpuinfo_field("flags").split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
