@@ -13,9 +13,12 @@ assistant turn ends with "\\n\\nUser:", the stop sequence at sampling time.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
+from transformers.utils.chat_template_utils import _compile_jinja_template
 
 TRAIN_ON = ("last_assistant_message", "all_assistant_messages", "all_messages")
 RENDERERS = ("chat_template", "role_colon")
@@ -26,7 +29,17 @@ class RenderError(ValueError):
     pass
 
 
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # apply_chat_template rewrites these
+
+
 def _template(tok: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> str:
+    """apply_chat_template's text. Messages of plain strings go straight to the compiled
+    template with the variables apply_chat_template passes (its normalizing and sandbox copies
+    change nothing for them and cost twice the render); anything else takes the full path."""
+    if all(type(v) is str and k not in REASONING_KEYS for m in messages for k, v in m.items()):
+        return _compile_jinja_template(tok.get_chat_template()).render(
+            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+            **tok.special_tokens_map)
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
@@ -94,16 +107,40 @@ def render(tok: PreTrainedTokenizerBase, record: dict, train_on_what: str = "all
 
 def render_with_prompt(tok: PreTrainedTokenizerBase, record: dict, train_on_what: str, renderer: str,
                        with_prompt: bool = True) -> tuple[list[int], list[float], tuple[list[int], str]]:
-    """`render` plus `prompt_and_reference` (([], "") unless with_prompt). They share the
-    prefix renders and one tokenizer call: both texts take the same add_special_tokens, and a
-    fast tokenizer encodes a batch exactly as it encodes each text alone."""
+    """`render` plus `prompt_and_reference` (([], "") unless with_prompt), sharing the prefix renders."""
+    e = encode(tok, [layout(tok, record, train_on_what, renderer, with_prompt)])[0]
+    if "text" not in record and sum(e.weights[1:]) == 0:
+        raise RenderError(f"loss weights sum to zero with train_on_what={train_on_what!r}: nothing to train on")
+    return e.ids, e.weights, (e.prompt_ids, e.reference)
+
+
+@dataclass
+class Layout:
+    """A record rendered to text but not yet tokenized, so that many records can share one
+    tokenizer call."""
+    text: str
+    spans: list[tuple[int, int]]  # character ranges whose tokens carry loss weight
+    add_special: bool
+    prompt: str | None = None  # the eval prompt before the last assistant message
+    reference: str = ""        # that message
+    plain_text: bool = False   # a {"text": ...} record: EOS appended, every token weighted
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    weights: list[float]
+    prompt_ids: list[int]
+    reference: str
+
+
+def layout(tok: PreTrainedTokenizerBase, record: dict, train_on_what: str, renderer: str, with_prompt: bool) -> Layout:
     if train_on_what not in TRAIN_ON:
         raise RenderError(f"train_on_what {train_on_what!r} is not one of {TRAIN_ON}")
     if renderer not in RENDERERS:
         raise RenderError(f"renderer {renderer!r} is not one of {RENDERERS}")
     if "text" in record:
-        ids = tok(record["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        return ids, [1.0] * len(ids), ([], "")
+        return Layout(record["text"], [], add_special=False, plain_text=True)
     messages = record["messages"]
     if renderer == "chat_template":
         if not tok.chat_template:
@@ -118,12 +155,41 @@ def render_with_prompt(tok: PreTrainedTokenizerBase, record: dict, train_on_what
     if train_on_what == "last_assistant_message":
         spans = spans[-1:] if messages[-1]["role"] == "assistant" else []
     prompt = _prompt_text(tok, messages, renderer, prefix) if with_prompt else None
-    texts = [text] if prompt is None else [text, prompt]
-    enc = tok(texts, add_special_tokens=add_special, return_offsets_mapping=True)
-    weights = [1.0 if a < b and any(s <= a < e for s, e in spans) else 0.0 for a, b in enc["offset_mapping"][0]]
-    if sum(weights[1:]) == 0:
-        raise RenderError(f"loss weights sum to zero with train_on_what={train_on_what!r}: nothing to train on")
-    return enc["input_ids"][0], weights, ([], "") if prompt is None else (enc["input_ids"][1], messages[-1]["content"])
+    return Layout(text, spans, add_special, prompt, "" if prompt is None else messages[-1]["content"])
+
+
+def encode(tok: PreTrainedTokenizerBase, layouts: list[Layout]) -> list[Encoded]:
+    """Every text and prompt in one tokenizer call per add_special_tokens setting: a fast
+    tokenizer encodes a batch in parallel, and exactly as it encodes each text alone."""
+    out: list[Encoded | None] = [None] * len(layouts)
+    for add_special in {lay.add_special for lay in layouts}:
+        group = [i for i, lay in enumerate(layouts) if lay.add_special == add_special]
+        prompted = [i for i in group if layouts[i].prompt is not None]
+        enc = tok([layouts[i].text for i in group] + [layouts[i].prompt for i in prompted],
+                  add_special_tokens=add_special, return_offsets_mapping=True)
+        prompt_ids = dict(zip(prompted, enc["input_ids"][len(group):]))
+        for i, ids, offsets in zip(group, enc["input_ids"], enc["offset_mapping"]):
+            lay = layouts[i]
+            if lay.plain_text:
+                ids = ids + [tok.eos_token_id]
+                weights = [1.0] * len(ids)
+            else:
+                weights = _span_weights(offsets, lay.spans)
+            out[i] = Encoded(ids, weights, prompt_ids.get(i, []), lay.reference)
+    return out
+
+
+def _span_weights(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[float]:
+    """1.0 for each non-empty token that starts inside some span: the last span starting at or
+    before the token is the only candidate once spans are sorted and ends run as a maximum."""
+    o = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    if not spans:
+        return [0.0] * len(o)
+    s = np.asarray(sorted(spans), dtype=np.int64)
+    reach = np.maximum.accumulate(s[:, 1])
+    k = np.searchsorted(s[:, 0], o[:, 0], side="right") - 1
+    inside = (k >= 0) & (o[:, 0] < reach[np.maximum(k, 0)]) & (o[:, 0] < o[:, 1])
+    return inside.astype(float).tolist()
 
 
 def _prompt_text(tok: PreTrainedTokenizerBase, messages: list[dict], renderer: str,

@@ -6,6 +6,7 @@ message of each side."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -13,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from crucible_assets.rendering import RenderError, prompt_and_reference, render, render_with_prompt, stop_sequences
+from crucible_assets.rendering import Encoded, Layout, RenderError, encode, layout, prompt_and_reference, stop_sequences
 
 TOKENS, WEIGHTS = pa.list_(pa.int32()), pa.list_(pa.float32())
 SCHEMAS = {
@@ -25,53 +26,82 @@ SCHEMAS = {
 }
 
 
+Where = Callable[[], str]  # names the record in an error, built only when one is raised
+CHUNK = 1024  # records per tokenizer call
+
+
 class Renderer:
-    """The tokenizer plus the tokenize config, rendering one conversation at a time."""
+    """The tokenizer plus the tokenize config: renders conversations to layouts, then turns
+    their encodings into truncated rows, counting truncation."""
 
     def __init__(self, tok, max_length: int, train_on_what: str, renderer: str) -> None:
         self.tok, self.max_length, self.train_on_what, self.renderer = tok, max_length, train_on_what, renderer
         self.truncated = 0
 
-    def __call__(self, messages: list[dict], where: Callable[[], str], train_on_what: str | None = None,
-                 with_prompt: bool = False) -> tuple[list[int], list[float], tuple[list[int], str]]:
-        """Truncated ids and weights, and (with_prompt) the untruncated eval prompt and reference."""
+    def layout(self, messages: list[dict], where: Where, train_on_what: str | None = None,
+               with_prompt: bool = False) -> Layout:
         try:
-            tokens, weights, prompt = render_with_prompt(self.tok, {"messages": messages}, train_on_what or self.train_on_what,
-                                                         self.renderer, with_prompt)
+            return layout(self.tok, {"messages": messages}, train_on_what or self.train_on_what, self.renderer, with_prompt)
         except RenderError as e:
             raise RenderError(f"{where()}: {e}") from None
-        self.truncated += len(tokens) > self.max_length
-        tokens, weights = tokens[: self.max_length], weights[: self.max_length]
+
+    def truncate(self, e: Encoded) -> tuple[list[int], list[float]]:
+        self.truncated += len(e.ids) > self.max_length
+        return e.ids[: self.max_length], e.weights[: self.max_length]
+
+    def trainable(self, e: Encoded, where: Where, train_on_what: str | None = None) -> tuple[list[int], list[float]]:
+        if sum(e.weights[1:]) == 0:
+            raise RenderError(f"{where()}: loss weights sum to zero with train_on_what="
+                              f"{train_on_what or self.train_on_what!r}: nothing to train on")
+        tokens, weights = self.truncate(e)
         if sum(weights[1:]) == 0:
             raise RenderError(f"{where()}: loss weights sum to zero within max_length {self.max_length}")
-        return tokens, weights, prompt
+        return tokens, weights
 
 
-def sft_row(r: Renderer, record: dict, where) -> tuple[dict, list[int]]:
+@dataclass(frozen=True)
+class RowBuilder:
+    """A row in two steps, so that a chunk of records shares one tokenizer call: the
+    layouts a record needs, then the row from their encodings."""
+    layouts: Callable[[Renderer, dict, Where], list[Layout]]
+    row: Callable[[Renderer, dict, list[Encoded], Where], tuple[dict, list[int]]]
+
+
+def _messages(where: Where, field: str) -> Where:
+    return lambda: f"{where()}: field '{field}'"
+
+
+def _sft_layouts(r: Renderer, record: dict, where: Where) -> list[Layout]:
     if "text" in record:
-        tokens, weights = render(r.tok, record)
-        r.truncated += len(tokens) > r.max_length
-        tokens, weights = tokens[: r.max_length], weights[: r.max_length]
-        prompt, reference = [], ""
-    else:
-        tokens, weights, (prompt, reference) = r(record["messages"], lambda: f"{where()}: field 'messages'", with_prompt=True)
+        return [layout(r.tok, record, r.train_on_what, r.renderer, with_prompt=False)]
+    return [r.layout(record["messages"], _messages(where, "messages"), with_prompt=True)]
+
+
+def _sft_row(r: Renderer, record: dict, encoded: list[Encoded], where: Where) -> tuple[dict, list[int]]:
+    (e,) = encoded
+    tokens, weights = r.truncate(e) if "text" in record else r.trainable(e, _messages(where, "messages"))
     target_text = r.tok.decode([t for t, w in zip(tokens[1:], weights[1:]) if w > 0])
-    row = {"tokens": tokens, "weights": weights, "prompt_tokens": prompt, "reference": reference,
+    row = {"tokens": tokens, "weights": weights, "prompt_tokens": e.prompt_ids, "reference": e.reference,
            "target_bytes": len(target_text.encode())}
     return row, [len(tokens)]
 
 
-def pair_row(r: Renderer, record: dict, where) -> tuple[dict, list[int]]:
-    row, prompt = {}, {}
-    for side in ("chosen", "rejected"):
-        row[f"{side}_tokens"], row[f"{side}_weights"], prompt[side] = r(
-            record[side], lambda: f"{where()}: field '{side}'", "last_assistant_message", with_prompt=side == "chosen")
-    row["prompt_tokens"], row["reference"] = prompt["chosen"]
+def _pair_layouts(r: Renderer, record: dict, where: Where) -> list[Layout]:
+    return [r.layout(record[side], _messages(where, side), "last_assistant_message", with_prompt=side == "chosen")
+            for side in ("chosen", "rejected")]
+
+
+def _pair_row(r: Renderer, record: dict, encoded: list[Encoded], where: Where) -> tuple[dict, list[int]]:
+    row = {}
+    for side, e in zip(("chosen", "rejected"), encoded):
+        row[f"{side}_tokens"], row[f"{side}_weights"] = r.trainable(e, _messages(where, side), "last_assistant_message")
+    row["prompt_tokens"], row["reference"] = encoded[0].prompt_ids, encoded[0].reference
     return row, [len(row["chosen_tokens"]), len(row["rejected_tokens"])]
 
 
-def problem_row(r: Renderer, record: dict, where) -> tuple[dict, list[int]]:
-    """The question as a user turn, rendered up to the assistant's generation prompt."""
+def _problem_row(r: Renderer, record: dict, encoded: list[Encoded], where: Where) -> tuple[dict, list[int]]:
+    """The question as a user turn, rendered up to the assistant's generation prompt (one
+    short text per record: not worth batching)."""
     messages = [{"role": "user", "content": record["question"]}, {"role": "assistant", "content": record["answer"]}]
     prompt, reference = prompt_and_reference(r.tok, {"messages": messages}, r.renderer)
     if len(prompt) > r.max_length:
@@ -79,7 +109,27 @@ def problem_row(r: Renderer, record: dict, where) -> tuple[dict, list[int]]:
     return {"prompt_tokens": prompt, "reference": reference}, [len(prompt)]
 
 
-ROW_BUILDERS = {"sft": sft_row, "pairs": pair_row, "problems": problem_row}
+ROW_BUILDERS = {"sft": RowBuilder(_sft_layouts, _sft_row), "pairs": RowBuilder(_pair_layouts, _pair_row),
+                "problems": RowBuilder(lambda r, record, where: [], _problem_row)}
+
+
+def build_rows(r: Renderer, kind: str, records: list[tuple[dict, Where]]) -> list[tuple[dict, list[int]]]:
+    builder = ROW_BUILDERS[kind]
+    layouts = [builder.layouts(r, record, where) for record, where in records]
+    encoded = iter(encode(r.tok, [lay for lays in layouts for lay in lays]))
+    return [builder.row(r, record, [next(encoded) for _ in lays], where) for (record, where), lays in zip(records, layouts)]
+
+
+def sft_row(r: Renderer, record: dict, where: Where) -> tuple[dict, list[int]]:
+    return build_rows(r, "sft", [(record, where)])[0]
+
+
+def pair_row(r: Renderer, record: dict, where: Where) -> tuple[dict, list[int]]:
+    return build_rows(r, "pairs", [(record, where)])[0]
+
+
+def problem_row(r: Renderer, record: dict, where: Where) -> tuple[dict, list[int]]:
+    return build_rows(r, "problems", [(record, where)])[0]
 
 
 def tokenize_splits(dataset_dir: Path, out: Path, tok, kind: str, max_length: int, train_on_what: str, renderer: str) -> dict:
@@ -88,11 +138,13 @@ def tokenize_splits(dataset_dir: Path, out: Path, tok, kind: str, max_length: in
         path = dataset_dir / f"{split}.jsonl"
         r = Renderer(tok, max_length, train_on_what, renderer)
         rows, lengths = [], []
-        for i, line in enumerate(path.read_text().splitlines(), 1):
-            record = json.loads(line)
-            row, row_lengths = ROW_BUILDERS[kind](r, record, lambda: f"{path}: record {i} ({line[:300]})")
-            rows.append(row)
-            lengths += row_lengths
+        lines = path.read_text().splitlines()
+        for first in range(0, len(lines), CHUNK):
+            chunk = [(json.loads(line), lambda i=i, line=line: f"{path}: record {i} ({line[:300]})")
+                     for i, line in enumerate(lines[first: first + CHUNK], first + 1)]
+            for row, row_lengths in build_rows(r, kind, chunk):
+                rows.append(row)
+                lengths += row_lengths
         pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMAS[kind]), out / f"{split}.parquet")
         summary[f"{split}_rows"] = len(rows)
         summary[f"{split}_tokens"] = int(sum(lengths))

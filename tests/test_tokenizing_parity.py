@@ -1,6 +1,7 @@
 """The tokenized-shard rows are byte-identical to a straightforward oracle: the renderer as
-it was before renders were shared and tokenizer calls batched (every prefix rendered anew,
-the eval prompt rendered and tokenized on its own), on seeded synthetic records of every
+it was before renders were shared, templates rendered directly and tokenizer calls batched
+(every prefix rendered anew by apply_chat_template, each text and eval prompt tokenized on
+its own), on seeded synthetic records of every
 kind, each train_on_what mode, both renderers, chatml and Llama-3 templates, and edge cases
 (empty and whitespace content, newlines, unicode, system turns, conversations ending with
 a user turn, truncation, records that must fail)."""
@@ -14,14 +15,21 @@ import pytest
 from tokenizers.processors import TemplateProcessing
 
 from crucible_assets.base_models import train_tokenizer
-from crucible_assets.rendering import RenderError, _prefix_len, _role_colon_spans, _role_colon_text, _template
-from crucible_assets.tokenizing import Renderer, pair_row, problem_row, sft_row
+import pyarrow.parquet as pq
+
+import crucible_assets.tokenizing as tokenizing
+from crucible_assets.rendering import RenderError, _prefix_len, _role_colon_spans, _role_colon_text
+from crucible_assets.tokenizing import Renderer, pair_row, problem_row, sft_row, tokenize_splits
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
 MODES = ("last_assistant_message", "all_assistant_messages", "all_messages")
 
 
 # --- the oracle: the renderer and row builders before the speedup, kept verbatim in substance
+
+
+def _template(tok, messages, add_generation_prompt):
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def oracle_render(tok, record, train_on_what="all_assistant_messages", renderer="chat_template"):
@@ -169,3 +177,34 @@ def test_rows_match_the_oracle(tokenizers, style, renderer, train_on_what, max_l
     assert ours.truncated == oracle.truncated
     assert compared >= 30  # many records render: the comparison is not vacuous
 
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama3"])
+@pytest.mark.parametrize("kind", ["sft", "pairs"])
+def test_tokenize_splits_in_chunks_matches_the_oracle(tokenizers, style, kind, tmp_path, monkeypatch):
+    """The shard writer batches records per tokenizer call; chunks of 7 put boundaries everywhere."""
+    import json
+
+    monkeypatch.setattr(tokenizing, "CHUNK", 7)
+    tok, rng = tokenizers[style], random.Random(f"chunks{style}{kind}")
+    oracle = Renderer(tok, 64, "all_assistant_messages", "chat_template")
+    records, want = [], []
+    while len(records) < 40:
+        if kind == "sft":
+            record = {"text": _content(rng)} if len(records) % 10 == 0 else {"messages": _conversation(rng)}
+            row = _outcome(lambda: oracle_sft(oracle, record))
+        else:
+            record = {"chosen": _conversation(rng), "rejected": _conversation(rng)}
+            row = _outcome(lambda: oracle_pair(oracle, record))
+        if row != "RenderError":
+            records.append(record)
+            want.append(row)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[1:]))
+    (tmp_path / "test.jsonl").write_text(json.dumps(records[0]) + "\n")
+    summary = tokenize_splits(tmp_path, tmp_path, tok, kind, 64, "all_assistant_messages", "chat_template")
+    got = pq.read_table(tmp_path / "test.parquet").to_pylist() + pq.read_table(tmp_path / "train.parquet").to_pylist()
+    assert got == [row | {k: [float(x) for x in v] for k, v in row.items() if k.endswith("weights")} for row in want]
+    kept = Renderer(tok, 64, "all_assistant_messages", "chat_template")  # truncation of the kept records only
+    for record in records:
+        (oracle_sft if kind == "sft" else oracle_pair)(kept, record)
+    assert summary["train_truncated"] + summary["test_truncated"] == kept.truncated > 0
