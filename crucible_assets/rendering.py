@@ -159,15 +159,14 @@ def layout(tok: PreTrainedTokenizerBase, record: dict, train_on_what: str, rende
 
 
 def encode(tok: PreTrainedTokenizerBase, layouts: list[Layout]) -> list[Encoded]:
-    """Every text and prompt in one tokenizer call per add_special_tokens setting: a fast
-    tokenizer encodes a batch in parallel, and exactly as it encodes each text alone."""
+    """Texts in one tokenizer call per add_special_tokens setting (a fast tokenizer encodes a
+    batch in parallel, and exactly as it encodes each text alone); eval prompts from their
+    texts' ids where _prompt_from_text can, the rest in one more call."""
     out: list[Encoded | None] = [None] * len(layouts)
     for add_special in {lay.add_special for lay in layouts}:
         group = [i for i, lay in enumerate(layouts) if lay.add_special == add_special]
-        prompted = [i for i in group if layouts[i].prompt is not None]
-        enc = tok([layouts[i].text for i in group] + [layouts[i].prompt for i in prompted],
-                  add_special_tokens=add_special, return_offsets_mapping=True)
-        prompt_ids = dict(zip(prompted, enc["input_ids"][len(group):]))
+        enc = _tokenize(tok, [layouts[i].text for i in group], add_special)
+        prompt_ids, tails = {}, _Tails(tok)
         for i, ids, offsets in zip(group, enc["input_ids"], enc["offset_mapping"]):
             lay = layouts[i]
             if lay.plain_text:
@@ -175,8 +174,54 @@ def encode(tok: PreTrainedTokenizerBase, layouts: list[Layout]) -> list[Encoded]
                 weights = [1.0] * len(ids)
             else:
                 weights = _span_weights(offsets, lay.spans)
-            out[i] = Encoded(ids, weights, prompt_ids.get(i, []), lay.reference)
+            if lay.prompt is not None and not add_special:
+                prompt_ids[i] = _prompt_from_text(lay, ids, offsets, tails)
+            out[i] = Encoded(ids, weights, [], lay.reference)
+        rest = [i for i in group if layouts[i].prompt is not None and prompt_ids.get(i) is None]
+        prompt_ids |= dict(zip(rest, _tokenize(tok, [layouts[i].prompt for i in rest], add_special)["input_ids"] if rest else []))
+        for i, ids in prompt_ids.items():
+            out[i].prompt_ids = ids
     return out
+
+
+class _Tails(dict):
+    """(special token id, text after it) -> the ids that text encodes to right after that token,
+    or None when encoding the token plus the text does not start with the token."""
+
+    def __init__(self, tok: PreTrainedTokenizerBase) -> None:
+        super().__init__()
+        self.tok = tok
+        self.specials = {i: t.content for i, t in tok.added_tokens_decoder.items() if not t.normalized}
+
+    def __missing__(self, key: tuple[int, str]) -> list[int] | None:
+        ids = self.tok(self.specials[key[0]] + key[1], add_special_tokens=False)["input_ids"]
+        self[key] = ids[1:] if ids[:1] == [key[0]] else None
+        return self[key]
+
+
+def _tokenize(tok: PreTrainedTokenizerBase, texts: list[str], add_special: bool) -> dict:
+    return tok(texts, add_special_tokens=add_special, return_offsets_mapping=True, return_attention_mask=False,
+               return_token_type_ids=False)
+
+
+def _prompt_from_text(lay: Layout, ids: list[int], offsets: list[tuple[int, int]], tails: _Tails) -> list[int] | None:
+    """The prompt's ids without encoding it: a tokenizer cuts its added (special) tokens out
+    before normalizing or splitting anything, so when the prompt is a prefix of the text, the
+    text's ids up to the last special token inside the prompt are the prompt's too, and what
+    follows that token (the generation header, the same in every record) encodes as it does
+    after that token alone: `tails` holds it, once per header. None where that does not hold."""
+    n = len(lay.prompt)
+    if not lay.text.startswith(lay.prompt):
+        return None
+    for j in range(len(ids) - 1, -1, -1):
+        a, b = offsets[j]
+        if b > n or ids[j] not in tails.specials:
+            continue
+        if lay.text[a:b] != tails.specials[ids[j]]:
+            return None
+        tail = tails[ids[j], lay.prompt[b:]]
+        return None if tail is None else ids[: j + 1] + tail
+    return None
 
 
 def _span_weights(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[float]:

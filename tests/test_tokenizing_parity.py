@@ -18,7 +18,7 @@ from crucible_assets.base_models import train_tokenizer
 import pyarrow.parquet as pq
 
 import crucible_assets.tokenizing as tokenizing
-from crucible_assets.rendering import RenderError, _prefix_len, _role_colon_spans, _role_colon_text
+from crucible_assets.rendering import RenderError, _prefix_len, _prompt_from_text, _Tails, layout, _role_colon_spans, _role_colon_text
 from crucible_assets.tokenizing import Renderer, pair_row, problem_row, sft_row, tokenize_splits
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
@@ -208,3 +208,20 @@ def test_tokenize_splits_in_chunks_matches_the_oracle(tokenizers, style, kind, t
     for record in records:
         (oracle_sft if kind == "sft" else oracle_pair)(kept, record)
     assert summary["train_truncated"] + summary["test_truncated"] == kept.truncated > 0
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama3"])
+def test_eval_prompts_reuse_their_texts_ids(tokenizers, style):
+    """The shortcut the parity tests above check is taken: the prompt's ids come from the
+    text's, the generation header encoded once, and they equal the prompt encoded alone."""
+    tok, tails, checked = tokenizers[style], _Tails(tokenizers[style]), 0
+    for i in range(12):
+        messages = _conversation(random.Random(i))
+        lay = layout(tok, {"messages": messages}, "all_assistant_messages", "chat_template", with_prompt=True)
+        if lay.prompt is None:  # ends with a user turn: no eval prompt
+            continue
+        enc = tok(lay.text, add_special_tokens=False, return_offsets_mapping=True)
+        got = _prompt_from_text(lay, enc["input_ids"], enc["offset_mapping"], tails)
+        assert got == tok(lay.prompt, add_special_tokens=False)["input_ids"]
+        checked += 1
+    assert checked >= 8 and len(tails) == 1  # one generation header for every record
