@@ -42,5 +42,5 @@ def run(w, plan) -> list[Row]:
     details = {"ours rows/s": m["ours"], "datasets.map rows/s": m["datasets"], "rows": len(chats)}
     return [Row("Tokenization", "rows/s, ours / datasets.map(batched=True)", m["ours"] / m["datasets"], 1.0, details=details,
                 limit="exact loss weights cost two chat-template renders per assistant turn (the prefixes up to its start "
-                "and end; the last turn's end is the full text and its start the eval prompt), plus Parquet I/O; the "
-                "reference renders once and computes no weights")]
+                "and end), where the reference renders each conversation once; the eval prompt and the weights, the "
+                "target byte counts and the Parquet files are work the reference does not do")]
