@@ -32,15 +32,17 @@ class RenderError(ValueError):
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # apply_chat_template rewrites these
 
 
-def _template(tok: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> str:
-    """apply_chat_template's text. Messages of plain strings go straight to the compiled
-    template with the variables apply_chat_template passes (its normalizing and sandbox copies
-    change nothing for them and cost twice the render); anything else takes the full path."""
+def _template_renderer(tok: PreTrainedTokenizerBase, messages: list[dict]) -> Callable[[list[dict], bool], str]:
+    """render(messages or a prefix of them, add_generation_prompt): apply_chat_template's text.
+    Messages of plain strings go straight to the compiled template with the variables
+    apply_chat_template passes (its normalizing and sandbox copies change nothing for them
+    and cost twice the render); anything else takes the full path."""
     if all(type(v) is str and k not in REASONING_KEYS for m in messages for k, v in m.items()):
-        return _compile_jinja_template(tok.get_chat_template()).render(
-            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
-            **tok.special_tokens_map)
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        compiled, variables = _compile_jinja_template(tok.get_chat_template()), tok.special_tokens_map
+        return lambda some, add_generation_prompt: compiled.render(
+            messages=some, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables)
+    return lambda some, add_generation_prompt: tok.apply_chat_template(
+        some, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def _prefix_len(text: str, prefix: str, i: int) -> int:
@@ -54,7 +56,8 @@ def _prefix_renders(tok: PreTrainedTokenizerBase, messages: list[dict]) -> Calla
     """render(n, add_generation_prompt) of messages[:n], each rendered once: the spans end where
     the full text ends and the eval prompt is the last assistant span's start, and
     apply_chat_template is most of the cost of tokenizing."""
-    return functools.cache(lambda n, add_generation_prompt: _template(tok, messages[:n], add_generation_prompt))
+    render = _template_renderer(tok, messages)
+    return functools.cache(lambda n, add_generation_prompt: render(messages[:n], add_generation_prompt))
 
 
 def _template_spans(tok: PreTrainedTokenizerBase, messages: list[dict], train_on_what: str,
