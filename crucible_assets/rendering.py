@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
-from transformers.utils.chat_template_utils import _compile_jinja_template
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 TRAIN_ON = ("last_assistant_message", "all_assistant_messages", "all_messages")
 RENDERERS = ("chat_template", "role_colon")
@@ -38,6 +39,8 @@ def _template_renderer(tok: PreTrainedTokenizerBase, messages: list[dict]) -> Ca
     apply_chat_template passes (its normalizing and sandbox copies change nothing for them
     and cost twice the render); anything else takes the full path."""
     if all(type(v) is str and k not in REASONING_KEYS for m in messages for k, v in m.items()):
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
         compiled, variables = _compile_jinja_template(tok.get_chat_template()), tok.special_tokens_map
         return lambda some, add_generation_prompt: compiled.render(
             messages=some, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables)
