@@ -13,9 +13,10 @@ assistant turn ends with "\\n\\nUser:", the stop sequence at sampling time.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 TRAIN_ON = ("last_assistant_message", "all_assistant_messages", "all_messages")
 RENDERERS = ("chat_template", "role_colon")
