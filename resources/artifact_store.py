@@ -5,6 +5,7 @@ Layout under `root` (default `$CRUCIBLE_HOME/store`):
     objects/<content_hash>/...   immutable artifact files, never rewritten
     manifests/<fingerprint>.json what produced an object: config, upstream, run, file hashes
     refs/<recipe>/<stage>.json   the latest artifact of an asset key (what downstream loads)
+    verdicts/<fingerprint>.json  a check's result on one data version (checks, data, code)
     work/<fingerprint>/          resumable scratch of an unfinished materialization
     work/<fingerprint>.lock      held while one process builds that fingerprint
     tmp/                         staging; a crash leaves debris here and nowhere else
@@ -293,6 +294,22 @@ class ArtifactStore(ConfigurableResource):
         atomic_write_text(self._manifest_path(fp), text)
         shutil.rmtree(self.base / "work" / fp, ignore_errors=True)
         return self._ref(manifest)
+
+    def _verdict_path(self, fp: str) -> Path:
+        return self.base / "verdicts" / f"{check_hex(fp, 'fingerprint')}.json"
+
+    def verdict(self, fp: str) -> dict | None:
+        """A check's recorded result for the inputs `fp` fingerprints, or None."""
+        path = self._verdict_path(fp)
+        if not path.exists() and not self._pull_text(f"verdicts/{fp}.json", path):
+            return None
+        return json.loads(path.read_text())
+
+    def record_verdict(self, fp: str, verdict: dict) -> None:
+        text = json.dumps(verdict, indent=1, sort_keys=True, default=str)
+        if self.remote:
+            self.remote.put_text(f"verdicts/{fp}.json", text)
+        atomic_write_text(self._verdict_path(fp), text)
 
     def set_latest(self, ref: ArtifactRef) -> None:
         if self.remote:

@@ -5,6 +5,7 @@ it; the client (resources/local_torch_client.py) is imported when one is made.""
 
 from __future__ import annotations
 
+import functools
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ class LocalTorchSettings(Config):
     trust_remote_code: bool = False
 
 
+@functools.cache
 def torch_version() -> str:
     """torch.__version__, read from the installed wheel's metadata (same string)."""
     return version("torch")
