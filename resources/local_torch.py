@@ -30,7 +30,8 @@ class LocalTorchSettings(Config):
 
 @functools.cache
 def torch_version() -> str:
-    """torch.__version__, read from the installed wheel's metadata (same string)."""
+    """The installed torch's version from its wheel metadata, without importing it (for the
+    CPU wheel the same string as torch.__version__, so fingerprints did not change)."""
     return version("torch")
 
 
