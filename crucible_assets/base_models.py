@@ -5,16 +5,16 @@ stage treats them exactly like hub models."""
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from typing import TYPE_CHECKING
 
 from crucible_assets.synthetic import tokenizer_corpus
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 # ChatML: each turn is <|im_start|>role\ncontent<|im_end|>\n; <|im_end|> ends a turn.
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -24,6 +24,9 @@ CHATML_TEMPLATE = (
 
 
 def train_tokenizer(out_dir: Path, vocab_size: int, seed: int) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -58,6 +61,9 @@ def build_tiny_llama(
     seed: int,
 ) -> int:
     """Randomly initialised (seeded) Llama on the base tokenizer; returns the parameter count."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
     tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     stop_ids = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     config = LlamaConfig(

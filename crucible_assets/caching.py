@@ -5,6 +5,7 @@ out_dir; work_dir survives a crash for resumable work and is removed on publish.
 
 from __future__ import annotations
 
+import functools
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -18,6 +19,7 @@ from resources.artifact_store import ArtifactRef, ArtifactStore, fingerprint
 PACKAGES = ("torch", "transformers", "peft", "tokenizers", "dagster", "datasets")
 
 
+@functools.cache  # each lookup scans every installed distribution: once per process, not per asset
 def package_versions() -> dict[str, str]:
     return {p: version(p) for p in PACKAGES}
 

@@ -1,21 +1,29 @@
 """Blocking asset checks. Dataset checks run Great Expectations 1.x (ephemeral context,
-pandas batch) on the stored records; the eval gate keeps a model that is not better than
-its start out of the registry; the promotion gate makes a registered version champion only
-if it beats the current one."""
+pandas batch) on the stored records; their verdict on a data version is recorded in the
+store, so a re-run on the same bytes reports it again instead of validating again. The eval
+gate keeps a model that is not better than its start out of the registry; the promotion gate
+makes a registered version champion only if it beats the current one."""
 
 
 import json
 import logging
+from importlib.metadata import version
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, multi_asset_check, asset_check
 
 from crucible_assets.stages import key
-from resources.artifact_store import ArtifactStore
+from resources.artifact_store import ArtifactRef, ArtifactStore, fingerprint
 from resources.registry import ModelRegistry
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
+# Part of every recorded dataset verdict's fingerprint: bump it when _row or validate changes
+# what a verdict means, so no verdict of the old code is reused.
+DATASET_CHECKS_VERSION = "1"
 BASIC_CHECKS = ("schema", "non_empty", "no_nulls", "trainable_records")
 CHAT_CHECKS = BASIC_CHECKS + ("roles_valid", "alternation", "no_empty_assistant_turns")
 CHECKS_BY_KIND = {
@@ -53,14 +61,15 @@ def _row(split: str, r: dict) -> dict:
     return row
 
 
-def record_frame(store: ArtifactStore, recipe: str) -> pd.DataFrame:
-    ref = store.latest_verified(key(recipe, "dataset").to_user_string())
+def record_frame(dataset: ArtifactRef) -> "pd.DataFrame":
+    import pandas as pd
+
     rows = [_row(split, json.loads(line)) for split in ("train", "test")
-            for line in (ref.dir / f"{split}.jsonl").read_text().splitlines()]
+            for line in (dataset.dir / f"{split}.jsonl").read_text().splitlines()]
     return pd.DataFrame(rows, columns=list(dict.fromkeys(COLUMNS + [k for r in rows[:1] for k in r])))
 
 
-def validate(df: pd.DataFrame) -> dict[str, tuple[bool, dict]]:
+def validate(df: "pd.DataFrame") -> dict[str, tuple[bool, dict]]:
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
@@ -99,14 +108,30 @@ def dataset_checks(recipe: str, kind: str = "conversations"):
 
     @multi_asset_check(specs=[AssetCheckSpec(name, asset=key(recipe, "dataset"), blocking=True) for name in names],
                        name=f"{recipe}__dataset_checks")
-    def _checks(store: ArtifactStore):
-        results = validate(record_frame(store, recipe))
+    def _checks(context: AssetCheckExecutionContext, store: ArtifactStore):
+        dataset = store.latest_verified(key(recipe, "dataset").to_user_string())
+        verdict, reused = recorded_verdict(store, dataset, names, context.run.run_id)
         for name in names:
-            ok, details = results[name]
+            ok, details = verdict["results"][name]
             yield AssetCheckResult(check_name=name, asset_key=key(recipe, "dataset"), passed=ok,
-                                   severity=AssetCheckSeverity.ERROR, metadata={"great_expectations": details})
+                                   severity=AssetCheckSeverity.ERROR,
+                                   metadata={"great_expectations": details, **reused})
 
     return _checks
+
+
+def recorded_verdict(store: ArtifactStore, dataset: ArtifactRef, names: tuple[str, ...], run_id: str) -> tuple[dict, dict]:
+    """The checks' verdict on this data version: validated now and recorded, or the one
+    recorded before for the same bytes, check code and Great Expectations version (then with
+    metadata naming the run that validated). Either way the results are the recorded JSON,
+    so a reused verdict reports exactly what the first one did, a failure included."""
+    fp = fingerprint(checks=names, code_version=DATASET_CHECKS_VERSION, data_version=dataset.content_hash,
+                     great_expectations=version("great_expectations"))
+    if (verdict := store.verdict(fp)) is not None:
+        return verdict, {"reused_from_run": verdict["run_id"]}
+    results = validate(record_frame(dataset))
+    store.record_verdict(fp, {"run_id": run_id, "data_version": dataset.content_hash, "results": results})
+    return store.verdict(fp), {}
 
 
 def eval_gate_check(recipe: str, delta: str = "test/nll_delta", higher_is_better: bool = False):

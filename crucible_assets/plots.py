@@ -2,11 +2,6 @@
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 # Per-step series a checkpoint plots next to its loss curve, when its rows carry them
 # (TRL / tinker-cookbook names): what the reward did and how far the policy moved.
 EXTRA_CURVES = {
@@ -15,14 +10,24 @@ EXTRA_CURVES = {
 }
 
 
+def _pyplot():
+    """matplotlib (about 1 s to import) loads with the first plot, so a cache hit never pays for it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def loss_curve(rows: list[dict], path: Path, train_key: str, eval_key: str) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _pyplot().subplots(figsize=(6, 3.5))
     ax.plot([r["step"] for r in rows], [r[train_key] for r in rows], label=train_key)
     evals = [r for r in rows if eval_key in r]
     ax.plot([r["step"] for r in evals], [r[eval_key] for r in evals], "o-", label=eval_key)
@@ -38,7 +43,7 @@ def extra_curves(rows: list[dict], out: Path) -> list[str]:
         present = [k for k in keys if any(k in r for r in rows)]
         if not present:
             continue
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = _pyplot().subplots(figsize=(6, 3.5))
         for k in present:
             points = [r for r in rows if k in r]
             ax.plot([r["step"] for r in points], [r[k] for r in points], label=k)
@@ -50,7 +55,7 @@ def extra_curves(rows: list[dict], out: Path) -> list[str]:
 
 
 def comparison(labels: list[str], values: list[float], errors: list[tuple[float, float]], ylabel: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    fig, ax = _pyplot().subplots(figsize=(4.5, 3.5))
     yerr = [[v - lo for v, (lo, _) in zip(values, errors)], [hi - v for v, (_, hi) in zip(values, errors)]]
     ax.bar(labels, values, yerr=yerr, capsize=6, color=["#999999", "#3b7dd8"])
     ax.set_ylabel(ylabel)

@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from crucible_assets.evaluation import EvalConfig, nll_per_example, paired_report, sampled_accuracy
@@ -45,6 +43,9 @@ class DpoConfig(TrainConfig):
 def dpo_loss(policy_chosen_P, policy_rejected_P, ref_chosen_P, ref_rejected_P, beta: float, loss_type: str,
              label_smoothing: float = 0.0):
     """Per-pair losses and implicit rewards beta * (policy - reference) of each side."""
+    import torch
+    import torch.nn.functional as F
+
     logits_P = (policy_chosen_P - policy_rejected_P) - (ref_chosen_P - ref_rejected_P)
     if loss_type == "sigmoid":
         losses_P = -F.logsigmoid(beta * logits_P) * (1 - label_smoothing) - F.logsigmoid(-beta * logits_P) * label_smoothing
@@ -97,6 +98,8 @@ def train_dpo(
     work_dir: Path,
     log: Callable[[str], None] = print,
 ) -> tuple[list[dict], dict]:
+    import torch
+
     ipo = cfg.loss_type == "ipo"
     ref_chosen_N, ref_rejected_N = (torch.tensor(x) for x in _scores(train_ref, ipo))
 
@@ -134,6 +137,8 @@ def train_dpo(
 
 
 def held_out_metrics(policy: dict, ref: dict, cfg: DpoConfig, prefix: str) -> dict:
+    import torch
+
     ipo = cfg.loss_type == "ipo"
     (pc, pr), (rc, rr) = (tuple(torch.tensor(x) for x in _scores(d, ipo)) for d in (policy, ref))
     return reward_metrics(*dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing), pc, pr, prefix=prefix)

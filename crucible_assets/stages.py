@@ -66,17 +66,18 @@ def base_model_asset(recipe: str, start_from: str | None = None, stage: str = "b
                     registry: ModelRegistry) -> Output[ArtifactRef]:
         if config.base_model == EMBEDDED:
             start = store.latest(start_key.to_user_string())
-            store.open_verified(start)
-            source = start.dir
-        elif Path(config.base_model).is_dir():
-            source = Path(config.base_model)
-            check_safetensors(source)  # refuse a pickle checkpoint before it is snapshotted
+            source = store.open_verified(start)
+            source_hash = start.content_hash  # verified just now: hash_tree(source) would give the same
         else:
-            from huggingface_hub import snapshot_download
+            if Path(config.base_model).is_dir():
+                source = Path(config.base_model)
+                check_safetensors(source)  # refuse a pickle checkpoint before it is snapshotted
+            else:
+                from huggingface_hub import snapshot_download
 
-            source = Path(snapshot_download(config.base_model, revision=config.revision or None,
-                                            allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
-        source_hash, _ = hash_tree(source)
+                source = Path(snapshot_download(config.base_model, revision=config.revision or None,
+                                                allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+            source_hash, _ = hash_tree(source)
         origin = {"source": config.base_model}
         if config.base_model == EMBEDDED:
             origin["source"] = start.key

@@ -5,6 +5,7 @@ Layout under `root` (default `$CRUCIBLE_HOME/store`):
     objects/<content_hash>/...   immutable artifact files, never rewritten
     manifests/<fingerprint>.json what produced an object: config, upstream, run, file hashes
     refs/<recipe>/<stage>.json   the latest artifact of an asset key (what downstream loads)
+    verdicts/<fingerprint>.json  a check's result on one data version (checks, data, code)
     work/<fingerprint>/          resumable scratch of an unfinished materialization
     work/<fingerprint>.lock      held while one process builds that fingerprint
     tmp/                         staging; a crash leaves debris here and nowhere else
@@ -115,6 +116,18 @@ def hash_tree(root: Path) -> tuple[str, dict[str, str]]:
     }
     digest = hashlib.sha256("".join(f"{k}\t{v}\n" for k, v in files.items()).encode())
     return digest.hexdigest()[:32], files
+
+
+def stat_signature(root: Path) -> tuple:
+    """Name, size, mtime and inode of every file under root: what any rewrite of a file changes."""
+    return tuple((p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns, st.st_ino)
+                 for p in sorted(root.rglob("*")) if p.is_file() for st in [p.stat()])
+
+
+# (object dir, fingerprint) -> stat_signature of the files when this process last found them
+# matching that manifest: a run reads the same object several times (its cache hit, then each
+# downstream input), and re-hashing unchanged files only repeats the answer.
+_VERIFIED: dict[tuple[Path, str], tuple] = {}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -294,6 +307,22 @@ class ArtifactStore(ConfigurableResource):
         shutil.rmtree(self.base / "work" / fp, ignore_errors=True)
         return self._ref(manifest)
 
+    def _verdict_path(self, fp: str) -> Path:
+        return self.base / "verdicts" / f"{check_hex(fp, 'fingerprint')}.json"
+
+    def verdict(self, fp: str) -> dict | None:
+        """A check's recorded result for the inputs `fp` fingerprints, or None."""
+        path = self._verdict_path(fp)
+        if not path.exists() and not self._pull_text(f"verdicts/{fp}.json", path):
+            return None
+        return json.loads(path.read_text())
+
+    def record_verdict(self, fp: str, verdict: dict) -> None:
+        text = json.dumps(verdict, indent=1, sort_keys=True, default=str)
+        if self.remote:
+            self.remote.put_text(f"verdicts/{fp}.json", text)
+        atomic_write_text(self._verdict_path(fp), text)
+
     def set_latest(self, ref: ArtifactRef) -> None:
         if self.remote:
             self.remote.put_text(f"refs/{check_key(ref.key)}.json", ref.model_dump_json())
@@ -342,13 +371,18 @@ class ArtifactStore(ConfigurableResource):
     def open_verified(self, ref: ArtifactRef) -> Path:
         """The artifact's local directory (fetched first from a remote store), after every
         file's bytes matched the manifest; otherwise IntegrityError naming each file that
-        differs, so corrupt bytes are never loaded."""
+        differs, so corrupt bytes are never loaded. Hashed once per process while no file
+        under it is rewritten (stat_signature); `verify` always hashes."""
         if self.remote and not ref.dir.is_dir():
             self._pull_object(ref)
+        seen = stat_signature(ref.dir) if ref.dir.is_dir() else ()
+        if seen and _VERIFIED.get((ref.dir, ref.fingerprint)) == seen:
+            return ref.dir
         bad = self._mismatches(ref, hash_tree(ref.dir)[1] if ref.dir.is_dir() else {})
         if bad:
             raise IntegrityError(
                 f"artifact {ref.key} ({ref.content_hash}) at {ref.path} fails its manifest: "
                 + ", ".join(bad)
             )
+        _VERIFIED[(ref.dir, ref.fingerprint)] = seen
         return ref.dir

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field, PrivateAttr
 
 from resources.local_torch import LocalTorchBackend, LocalTorchSettings
-from resources.tinker_backend import TinkerBackend, TinkerSettings, read_pointer
+from resources.tinker_settings import TinkerSettings, read_pointer
 from resources.training_backend import TrainingClient
+
+if TYPE_CHECKING:
+    from resources.tinker_backend import TinkerBackend
 
 
 class TrainingBackendResource(ConfigurableResource):
@@ -38,11 +41,17 @@ class TrainingBackendResource(ConfigurableResource):
 
     def selected(self) -> LocalTorchBackend | TinkerBackend:
         if self._impl is None:
-            self._impl = TinkerBackend(**self.tinker.model_dump()) if self.kind == "tinker" else LocalTorchBackend(**self.local.model_dump())
+            self._impl = self._new_tinker() if self.kind == "tinker" else LocalTorchBackend(**self.local.model_dump())
         return self._impl
 
     def tinker_backend(self) -> TinkerBackend:
-        return self.selected() if self.kind == "tinker" else TinkerBackend(**self.tinker.model_dump())
+        return self.selected() if self.kind == "tinker" else self._new_tinker()
+
+    def _new_tinker(self) -> TinkerBackend:
+        """The Tinker SDK (seconds to import) is loaded only by a run that uses it."""
+        from resources.tinker_backend import TinkerBackend
+
+        return TinkerBackend(**self.tinker.model_dump())
 
     def identity(self) -> dict[str, Any]:
         return self.selected().identity()

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from resources.local_torch import LocalTrainingClient
+from resources.local_torch_client import LocalTrainingClient
 from resources.training_backend import CustomLossFn, Datum, ForwardBackwardOutput
 
 

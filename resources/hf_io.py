@@ -4,9 +4,10 @@ unless the user asks for it, no network when the model is local."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class UnsafeWeightsError(RuntimeError):
@@ -28,6 +29,9 @@ def check_safetensors(model_dir: Path) -> None:
 def load_model(
     model_dir: Path | str, device: str = "cpu", trust_remote_code: bool = False
 ) -> PreTrainedModel:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     check_safetensors(Path(model_dir))
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
@@ -40,4 +44,6 @@ def load_model(
 
 
 def load_tokenizer(model_dir: Path | str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)

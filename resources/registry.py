@@ -47,14 +47,17 @@ class ModelRegistry(ConfigurableResource):
     @contextmanager
     def _locked(self):
         """Read-modify-write of registry.json plus the audit lines of that change, all under
-        one lock; the registry file is replaced atomically, and audit lines are appended only
-        after it is, so the log never records a change the registry does not hold."""
+        one lock; the registry file is replaced atomically (and left alone when nothing
+        changed, as on a cache-hit re-run), and audit lines are appended only after it is, so
+        the log never records a change the registry does not hold."""
         self.base.mkdir(parents=True, exist_ok=True)
         with open(self.base / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             data, events = self._read(), []
+            before = json.dumps(data, indent=1, sort_keys=True)
             yield data, events
-            atomic_write_text(self.base / "registry.json", json.dumps(data, indent=1, sort_keys=True))
+            if (after := json.dumps(data, indent=1, sort_keys=True)) != before:
+                atomic_write_text(self.base / "registry.json", after)
             if events:
                 with open(self.base / "audit.jsonl", "a") as f:
                     f.write("".join(json.dumps(e, sort_keys=True) + "\n" for e in events))

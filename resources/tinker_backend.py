@@ -28,8 +28,8 @@ from typing import Any, Callable
 
 import tinker
 import torch
-from dagster import Config, ConfigurableResource
-from pydantic import Field, PrivateAttr
+from dagster import ConfigurableResource
+from pydantic import PrivateAttr
 
 from resources.hf_io import load_tokenizer
 from resources.retries import BackendAuthError, Failure, RetryPolicy, resolve, resolve_all
@@ -40,6 +40,7 @@ from resources.tinker_convert import (
     to_tinker_datum,
     to_tinker_sampling,
 )
+from resources.tinker_settings import POINTER_FILE, TinkerSettings, read_pointer
 from resources.training_backend import (
     AdamParams,
     CustomLossFn,
@@ -50,20 +51,7 @@ from resources.training_backend import (
 )
 
 API_KEY_ENV = "TINKER_API_KEY"
-POINTER_FILE = "tinker_checkpoint.json"
 AUTH_HINT = f"check {API_KEY_ENV} (a key from the Tinker console)"
-
-
-class TinkerSettings(Config):
-    base_url: str = Field(default="", description="Tinker API URL; empty = the SDK's default (TINKER_BASE_URL, else production)")
-    base_model: str = Field(default="", description="the Tinker model name to train, e.g. Qwen/Qwen3-8B: the model whose tokenizer "
-                                                    "the recipe's base_model dir holds; empty = that dir's path")
-    full_finetune_lora_rank: int = Field(default=32, description="LoRA rank used when a recipe asks for lora_rank 0 (Tinker trains LoRA only)")
-    export_hf_weights: bool = Field(default=True, description="also save HF-format weights with each checkpoint so the registry can download them")
-    max_attempts: int = Field(default=6, description="attempts per request on transient errors (connection, 429, 5xx, time-out)")
-    retry_base_delay_s: float = Field(default=1.0, description="first backoff; doubles per attempt")
-    retry_max_delay_s: float = Field(default=30.0, description="longest single backoff")
-    call_deadline_s: float = Field(default=900.0, description="longest wait for one call (a batch of samples included), retries included")
 
 
 class TinkerBackend(ConfigurableResource, TinkerSettings):
@@ -146,11 +134,6 @@ def classify(error: BaseException) -> Failure:
     if isinstance(error, tinker.APIStatusError) and (error.status_code == 429 or error.status_code >= 500):
         return Failure.TRANSIENT
     return Failure.FATAL
-
-
-def read_pointer(model_dir: Path) -> dict | None:
-    path = Path(model_dir) / POINTER_FILE
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _checkpoint_name(path: Path) -> str:

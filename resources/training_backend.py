@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
-import torch
 from pydantic import BaseModel
+
+if TYPE_CHECKING:  # annotations only: the port's types load without torch
+    import torch
 
 
 @dataclass
@@ -71,7 +73,7 @@ class ForwardBackwardOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-CustomLossFn = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+CustomLossFn = Callable[[list[Datum], list["torch.Tensor"]], tuple["torch.Tensor", dict[str, float]]]
 
 
 class TrainingClient(Protocol):

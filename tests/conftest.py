@@ -1,7 +1,10 @@
 """Shared fixtures: a tiny run config for the recipe jobs and isolated Crucible/Dagster homes."""
 
+import ast
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,6 +70,22 @@ def config_for(name: str, run_config: dict, selection=None) -> dict:
     job = defs.resolve_job_def(name)
     ops = {n.name for n in (job.get_subset(asset_selection=set(selection)) if selection else job).graph.nodes}
     return {**run_config, "ops": {k: v for k, v in run_config.get("ops", {}).items() if k in ops}}
+
+
+# Seconds to import each (measured on the CI machine type); loading the Definitions and a run of
+# cache hits need none of them.
+HEAVY_LIBRARIES = ("torch", "transformers", "great_expectations", "tinker", "peft", "pandas", "matplotlib", "mlflow", "datasets")
+
+
+def heavy_imports_after(code: str) -> tuple[list[str], str]:
+    """Runs `code` in a fresh interpreter (tests/ importable); returns which HEAVY_LIBRARIES it
+    imported, and its stdout before that report."""
+    probe = f"{code}\nimport sys\nprint([m for m in {HEAVY_LIBRARIES!r} if m in sys.modules])"
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", probe], env=env_with(PYTHONPATH=path), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    *out, report = done.stdout.splitlines()
+    return ast.literal_eval(report), "\n".join(out)
 
 
 def env_with(**extra) -> dict:

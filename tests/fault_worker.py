@@ -25,11 +25,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-import resources.local_torch as local_torch
+import resources.local_torch_client as local_torch_client
 from crucible_assets.stages import save_checkpoint
 from crucible_assets.supervised import train_supervised
 from crucible_assets.training import TrainConfig
 from resources.artifact_store import ArtifactStore
+from resources.local_torch import LocalTorchBackend
 
 KEY = "faults/checkpoint"
 FP = "f" * 32
@@ -42,7 +43,7 @@ def materialize(spec: dict, root: Path) -> None:
     rows = lambda split, n: [(r["tokens"], r["weights"]) for r in pq.read_table(Path(spec["tokenized"]) / f"{split}.parquet").to_pylist()[:n]]  # noqa: E731
 
     def build(out: Path) -> dict:
-        client = local_torch.LocalTorchBackend(device="cpu").create_training_client(Path(spec["base_model"]), 0, 0)
+        client = LocalTorchBackend(device="cpu").create_training_client(Path(spec["base_model"]), 0, 0)
         steps, telemetry = train_supervised(client, rows("train", 32), rows("test", 8), CONFIG, store.work_dir(FP), lambda _: None)
         return {**save_checkpoint(client, out, steps, telemetry, "train_mean_nll", "test/nll"),
                 "resumed_from_step": telemetry["resumed_from_step"]}
@@ -73,7 +74,7 @@ def gate_io(kill_at: int | None) -> list[int]:
     for name in ("rename", "replace", "fsync", "mkdir"):
         setattr(os, name, gate(getattr(os, name)))
     shutil.rmtree = gate(shutil.rmtree)
-    local_torch.save_file = gate(local_torch.save_file)
+    local_torch_client.save_file = gate(local_torch_client.save_file)
     return count
 
 

@@ -13,7 +13,7 @@ import time
 import pytest
 import yaml
 
-from conftest import TINY_RUN_CONFIG, config_for, env_with, run_job, tree_digest
+from conftest import TINY_RUN_CONFIG, config_for, env_with, heavy_imports_after, run_job, tree_digest
 from crucible_jobs.cli import main as crucible
 from resources.artifact_store import ArtifactStore
 from resources.registry import ModelRegistry
@@ -65,6 +65,11 @@ def test_sl_basic_trains_registers_caches_and_audits(homes, capsys):
     assert data_versions(second) == versions
     assert tree_digest(store.base / "objects") == work_before
     assert len(registry.models()["sl_basic"]["versions"]) == 1
+
+    # and in a fresh process, as `dagster job execute` runs it, a cache-hit run loads no training library
+    heavy, out = heavy_imports_after("from conftest import TINY_RUN_CONFIG, run_job\n"
+                                     "print(run_job('sl_basic', TINY_RUN_CONFIG).success)")
+    assert out.splitlines()[-1] == "True" and heavy == []
 
     assert crucible(["lineage", "sl_basic/registered_model", "--json"]) == 0
     tree = json.loads(capsys.readouterr().out)

@@ -24,7 +24,7 @@ import numpy as np
 import tinker
 from tinker import types
 
-from resources.local_torch import LocalTrainingClient
+from resources.local_torch_client import LocalTrainingClient
 from resources.training_backend import AdamParams, Datum, SamplingParams
 
 HANG = "hang"  # a fault: the request never completes
