@@ -26,9 +26,10 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
 def auto_capacity(lengths: list[int], attention_scale: float) -> int:
     """Row capacity with the least estimated compute: rows x width x (1 + width / scale),
     width being the fullest row (every row is padded to it). Padding costs linear layers;
-    longer rows cost masked attention, which grows with row length. Candidates: 1-4x the
-    longest sequence (so uniform lengths stay unpacked), and the capacities that would
-    spread the batch evenly over 1, 2, 4, ... rows (so a mixed batch can fill one row)."""
+    longer rows cost masked attention, which grows with row length. Candidates: one
+    sequence per row, and the capacities that would spread the batch evenly over 1, 2, 4,
+    ... rows (so uniform lengths stay unpacked, and mixed ones need not pad to a multiple
+    of the longest)."""
     longest, total = max(lengths), sum(lengths)
 
     def cost(capacity: int) -> float:
@@ -37,7 +38,7 @@ def auto_capacity(lengths: list[int], attention_scale: float) -> int:
         return len(rows) * width * (1 + width / attention_scale)
 
     spreads = (max(longest, -(-total // 2**k)) for k in range(len(lengths).bit_length()))
-    return min(sorted({*(longest * k for k in (1, 2, 3, 4)), *spreads}), key=cost)
+    return min(sorted({longest, *spreads}), key=cost)
 
 
 def padding_fraction(lengths: list[int], rows: list[list[int]]) -> float:
