@@ -15,11 +15,12 @@ def flops_per_token(parameters: int, layers: int, hidden: int, mean_length: floa
 
 def mfu_rows(sft: Row, w, machine: dict) -> list[Row]:
     layout = w.model_layout()
-    lengths = [len(r["tokens"]) for r in w.sft_rows]
-    per_token = flops_per_token(w.parameters, layout["num_layers"], layout["hidden_size"], sum(lengths) / len(lengths))
+    # the model reads each trained sequence less its last token (inputs predict the next one)
+    inputs = [len(r["tokens"]) - 1 for r in w.sft_rows[: sft.details["steps"] * sft.details["batch"]]]
+    per_token = flops_per_token(w.parameters, layout["num_layers"], layout["hidden_size"], sum(inputs) / len(inputs))
     precision = LocalTorchBackend().resolved_precision()
     peak = machine[f"peak_{precision}_flops"]
-    achieved = sft.details["ours tokens/s"] * per_token
+    achieved = sft.details["ours tokens/s"] * sum(inputs) / sft.details["real tokens per rep"] * per_token
     details = {"precision used": precision, "training GFLOP/s": achieved / 1e9, "peak GFLOP/s of that precision": peak / 1e9,
                "peak fp32 GFLOP/s": machine["peak_fp32_flops"] / 1e9, "peak bf16 GFLOP/s": machine["peak_bf16_flops"] / 1e9,
                "parameters": w.parameters, "MFLOP per token": per_token / 1e6}
