@@ -23,6 +23,9 @@ STARTUP = ("each `dagster job execute` pays Dagster's own per-run work: importin
            "evaluations) to the SQLite event log, each in its own transaction (about 2 s); a cache-hit re-run pays "
            "little else: it imports no torch, transformers, tinker, matplotlib or Great Expectations, the dataset "
            "checks report their verdict recorded for that data version, and each artifact is hashed once per process")
+FIRST_RUN = ("the job validates the dataset with Great Expectations, whose import alone takes about 5 s here (the bare "
+             "loop validates nothing), and every stage writes its artifact to the store, hashed and renamed; on top of "
+             "that, ")
 REPO = Path(__file__).resolve().parents[2]
 # the tiny model of tests/conftest.py: for --quick, where only the harness is under test
 TINY_MODEL = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128}
@@ -62,7 +65,8 @@ def run(w, plan) -> list[Row]:
                "training steps": plan.orchestration_steps, "repetitions": "1 each, in order bare, job, re-run (not interleaved)"}
     return [
         Row("Orchestration overhead", "(dagster job - bare) seconds / 60 s", overhead / 60, 0.10, higher_is_better=False,
-            details=details | {"overhead seconds": overhead, "overhead / this run": overhead / first}, limit=STARTUP),
+            details=details | {"overhead seconds": overhead, "overhead / this run": overhead / first},
+            limit=FIRST_RUN + STARTUP),
         Row("Cache-hit re-run", "re-run seconds / first run seconds", rerun / first, 0.05, higher_is_better=False,
             details=details, limit=STARTUP),
     ]
