@@ -24,7 +24,7 @@ class LocalTorchSettings(Config):
     precision: str = Field(default="auto", description="auto | fp32 | bf16 (autocast, fp32 master weights)")
     micro_batch_size: int = Field(default=0, description="split forward/backward into chunks of this many sequences; 0 = whole batch")
     packing: bool = Field(default=True, description="pack several sequences per row (block-diagonal attention) instead of padding each")
-    pack_length: int = Field(default=0, description="row length when packing; 0 = chosen per batch by a compute estimate (fewest padded slots, attention cost counted)")
+    pack_length: int = Field(default=0, description="row length when packing; 0 = chosen per batch by a compute estimate (1-4x the longest sequence)")
     trust_remote_code: bool = False
 
 
@@ -71,9 +71,6 @@ class LocalTorchBackend(ConfigurableResource, LocalTorchSettings):
             "torch": torch_version(),
             "packing": self.packing,
             "pack_length": self.pack_length,
-            # bumped whenever the same inputs give different bytes (2: fused AdamW, row layout
-            # by spread), so earlier checkpoints are not cache hits for this code
-            "numerics": 2,
         }
 
     def create_training_client(self, base_model: Path, lora_rank: int = 0, seed: int = 0,

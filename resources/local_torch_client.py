@@ -86,9 +86,9 @@ class LocalTrainingClient:
         lengths = [len(d.model_input) for d in data]
         rows = [[i] for i in range(len(data))]
         if self.packing:
-            # measured on one CPU core (the bench's 384-wide model): masked attention over a
-            # packed row costs about as much as the linear layers once the row is ~5 x hidden_size long
-            scale = 5 * self.model.config.hidden_size
+            # rough, measured on CPU (bench/): masked attention over a packed row costs about
+            # as much as the linear layers once the row is ~8 x hidden_size long
+            scale = 8 * self.model.config.hidden_size
             capacity = max(max(lengths), self.pack_length) if self.pack_length else auto_capacity(lengths, scale)
             rows = pack(lengths, capacity)
         R, L = len(rows), max(sum(lengths[i] for i in row) for row in rows)
@@ -183,9 +183,7 @@ class LocalTrainingClient:
 
     def _ensure_optimizer(self) -> torch.optim.Optimizer:
         if self.optimizer is None:
-            # fused: one kernel over all weights; the per-tensor loop cost about a tenth of a step
-            # on the ~10M bench model (bench/RESULTS.md), and fused steps stay bit-deterministic
-            self.optimizer = torch.optim.AdamW(self._trainable(), lr=0.0, fused=True)
+            self.optimizer = torch.optim.AdamW(self._trainable(), lr=0.0, foreach=False)
         return self.optimizer
 
     def optim_step(self, adam_params: AdamParams) -> dict[str, float]:

@@ -24,21 +24,15 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def auto_capacity(lengths: list[int], attention_scale: float) -> int:
-    """Row capacity with the least estimated compute: rows x width x (1 + width / scale),
-    width being the fullest row (every row is padded to it). Padding costs linear layers;
-    longer rows cost masked attention, which grows with row length. Candidates: one
-    sequence per row, and the capacities that would spread the batch evenly over 1, 2, 4,
-    ... rows (so uniform lengths stay unpacked, and mixed ones need not pad to a multiple
-    of the longest)."""
-    longest, total = max(lengths), sum(lengths)
+    """Row length with the least estimated compute: rows x length x (1 + length / scale).
+    Padding costs linear layers; longer rows cost masked attention, which grows with row
+    length. Candidates are 1-4x the longest sequence (so uniform lengths stay unpacked)."""
+    longest = max(lengths)
 
     def cost(capacity: int) -> float:
-        rows = pack(lengths, capacity)
-        width = max(sum(lengths[i] for i in row) for row in rows)
-        return len(rows) * width * (1 + width / attention_scale)
+        return len(pack(lengths, capacity)) * capacity * (1 + capacity / attention_scale)
 
-    spreads = (max(longest, -(-total // 2**k)) for k in range(len(lengths).bit_length()))
-    return min(sorted({longest, *spreads}), key=cost)
+    return min((longest * k for k in (1, 2, 3, 4)), key=cost)
 
 
 def padding_fraction(lengths: list[int], rows: list[list[int]]) -> float:

@@ -19,7 +19,7 @@ from crucible_assets.rendering import RenderError, prompt_and_reference, render,
 from crucible_assets.synthetic import arithmetic_chats
 from resources.dataset_sources import DatasetConfig, DatasetError, load_records, split_records
 from resources.local_torch import LocalTorchBackend
-from resources.packing import auto_capacity, pack, padding_fraction
+from resources.packing import pack, padding_fraction
 from resources.training_backend import Datum
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
@@ -145,16 +145,6 @@ def test_pack_first_fit_decreasing():
     assert rows == [[1], [3, 2], [0, 4]]
     assert padding_fraction(lengths, rows) == pytest.approx(1 - 26 / 30)
     assert padding_fraction(lengths, [[i] for i in range(5)]) == pytest.approx(1 - 26 / 45)
-
-
-
-def test_auto_capacity_packs_mixed_lengths_and_leaves_uniform_ones():
-    scale = 5 * 384  # the bench model's attention scale
-    mixed = [20, 20, 39, 39, 39, 53, 58, 72]
-    # one row of 340 real tokens beats six 72-wide rows (432 slots, 92 of them padding)
-    assert pack(mixed, auto_capacity(mixed, scale)) == [[7, 6, 5, 2, 3, 4, 0, 1]]
-    uniform = [72] * 8
-    assert auto_capacity(uniform, scale) == 72  # nothing to save; longer rows only add attention
 
 
 @pytest.fixture(scope="module")
