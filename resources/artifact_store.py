@@ -184,6 +184,16 @@ class ArtifactStore(ConfigurableResource):
         atomic_write_text(local, text)
         return True
 
+    def _present(self, path: Path) -> bool:
+        """A manifest or verdict file is here, or copied here from the remote store."""
+        return path.exists() or self._pull_text(path.relative_to(self.base).as_posix(), path)
+
+    def _put_text(self, path: Path, text: str) -> None:
+        """A manifest, verdict or ref: to the remote store first (the shared copy), then here."""
+        if self.remote:
+            self.remote.put_text(path.relative_to(self.base).as_posix(), text)
+        atomic_write_text(path, text)
+
     def _manifest_path(self, fp: str) -> Path:
         return self.base / "manifests" / f"{check_hex(fp, 'fingerprint')}.json"
 
@@ -192,10 +202,7 @@ class ArtifactStore(ConfigurableResource):
 
     def lookup(self, fp: str) -> ArtifactRef | None:
         path = self._manifest_path(fp)
-        if not path.exists() and not self._pull_text(f"manifests/{fp}.json", path):
-            return None
-        m = json.loads(path.read_text())
-        return self._ref(m)
+        return self._ref(json.loads(path.read_text())) if self._present(path) else None
 
     def _ref(self, manifest: dict) -> ArtifactRef:
         return ArtifactRef(
@@ -207,7 +214,7 @@ class ArtifactStore(ConfigurableResource):
 
     def manifest(self, fp: str) -> dict:
         path = self._manifest_path(fp)
-        if not path.exists() and not self._pull_text(f"manifests/{fp}.json", path):
+        if not self._present(path):
             raise FileNotFoundError(f"no manifest for fingerprint {fp} in {self.base}")
         return json.loads(path.read_text())
 
@@ -302,8 +309,7 @@ class ArtifactStore(ConfigurableResource):
         text = json.dumps(manifest, indent=1, sort_keys=True, default=str)
         if self.remote:  # files first, manifest last: the remote commit point
             self.remote.publish_dir(obj, f"objects/{content_hash}")
-            self.remote.put_text(f"manifests/{fp}.json", text)
-        atomic_write_text(self._manifest_path(fp), text)
+        self._put_text(self._manifest_path(fp), text)
         shutil.rmtree(self.base / "work" / fp, ignore_errors=True)
         return self._ref(manifest)
 
@@ -313,20 +319,13 @@ class ArtifactStore(ConfigurableResource):
     def verdict(self, fp: str) -> dict | None:
         """A check's recorded result for the inputs `fp` fingerprints, or None."""
         path = self._verdict_path(fp)
-        if not path.exists() and not self._pull_text(f"verdicts/{fp}.json", path):
-            return None
-        return json.loads(path.read_text())
+        return json.loads(path.read_text()) if self._present(path) else None
 
     def record_verdict(self, fp: str, verdict: dict) -> None:
-        text = json.dumps(verdict, indent=1, sort_keys=True, default=str)
-        if self.remote:
-            self.remote.put_text(f"verdicts/{fp}.json", text)
-        atomic_write_text(self._verdict_path(fp), text)
+        self._put_text(self._verdict_path(fp), json.dumps(verdict, indent=1, sort_keys=True, default=str))
 
     def set_latest(self, ref: ArtifactRef) -> None:
-        if self.remote:
-            self.remote.put_text(f"refs/{check_key(ref.key)}.json", ref.model_dump_json())
-        atomic_write_text(self._ref_path(ref.key), ref.model_dump_json())
+        self._put_text(self._ref_path(ref.key), ref.model_dump_json())
 
     def latest(self, key: str) -> ArtifactRef:
         path = self._ref_path(key)
