@@ -115,9 +115,15 @@ def render_with_prompt(tok: PreTrainedTokenizerBase, record: dict, train_on_what
                        with_prompt: bool = True) -> tuple[list[int], list[float], tuple[list[int], str]]:
     """`render` plus `prompt_and_reference` (([], "") unless with_prompt), sharing the prefix renders."""
     e = encode(tok, [layout(tok, record, train_on_what, renderer, with_prompt)])[0]
-    if "text" not in record and sum(e.weights[1:]) == 0:
-        raise RenderError(f"loss weights sum to zero with train_on_what={train_on_what!r}: nothing to train on")
+    if "text" not in record:
+        require_trainable(e.weights, train_on_what)
     return e.ids, e.weights, (e.prompt_ids, e.reference)
+
+
+def require_trainable(weights: list[float], train_on_what: str) -> None:
+    """The first token is never a target, so its weight does not count."""
+    if sum(weights[1:]) == 0:
+        raise RenderError(f"loss weights sum to zero with train_on_what={train_on_what!r}: nothing to train on")
 
 
 @dataclass

@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from crucible_assets.rendering import Encoded, Layout, RenderError, encode, layout, prompt_and_reference, stop_sequences
+from crucible_assets.rendering import (Encoded, Layout, RenderError, encode, layout, prompt_and_reference,
+                                       require_trainable, stop_sequences)
 
 TOKENS, WEIGHTS = pa.list_(pa.int32()), pa.list_(pa.float32())
 SCHEMAS = {
@@ -50,9 +51,10 @@ class Renderer:
         return e.ids[: self.max_length], e.weights[: self.max_length]
 
     def trainable(self, e: Encoded, where: Where, train_on_what: str | None = None) -> tuple[list[int], list[float]]:
-        if sum(e.weights[1:]) == 0:
-            raise RenderError(f"{where()}: loss weights sum to zero with train_on_what="
-                              f"{train_on_what or self.train_on_what!r}: nothing to train on")
+        try:
+            require_trainable(e.weights, train_on_what or self.train_on_what)
+        except RenderError as err:
+            raise RenderError(f"{where()}: {err}") from None
         tokens, weights = self.truncate(e)
         if sum(weights[1:]) == 0:
             raise RenderError(f"{where()}: loss weights sum to zero within max_length {self.max_length}")
