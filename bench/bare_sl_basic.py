@@ -19,8 +19,8 @@ def main(root: Path, run_config: dict) -> None:
     from crucible_assets.supervised import train_supervised
     from crucible_assets.tokenizing import tokenize_splits
     from recipes.sl_basic import SlBasicDataset, SlBasicEval, SlBasicTokenize, SlBasicTrain
-    from resources.dataset_sources import load_records, split_records, validate_record
-    from resources.local_torch import LocalTorchBackend
+    from resources.datasets.sources import load_records, split_records, validate_record
+    from resources.backends.local.backend import LocalTorchBackend
     import pyarrow.parquet as pq
 
     ops = run_config.get("ops", {})

@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-from resources.cpu import cpu_has_native_bf16, cpu_model
+from resources.backends.local.cpu import cpu_has_native_bf16, cpu_model
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:

@@ -6,7 +6,7 @@ values, forward and backward, as in the PaLM paper's MFU)."""
 from __future__ import annotations
 
 from bench.result import Row
-from resources.local_torch import LocalTorchBackend
+from resources.backends.local.backend import LocalTorchBackend
 
 
 def flops_per_token(parameters: int, layers: int, hidden: int, mean_length: float) -> float:

@@ -11,10 +11,15 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
-from dagster import AssetExecutionContext, DataVersion, Output
+from dagster import AssetExecutionContext, AssetKey, DataVersion, Output
 
 from crucible_assets.ui_metadata import to_metadata
-from resources.artifact_store import ArtifactRef, ArtifactStore, fingerprint
+from resources.store.artifact_store import ArtifactRef, ArtifactStore, fingerprint
+
+def key(group: str, stage: str) -> AssetKey:
+    """`<recipe>/<stage>` (or `base/...`, `feedback/...`): every asset key is a group and a stage."""
+    return AssetKey([group, stage])
+
 
 PACKAGES = ("torch", "transformers", "peft", "tokenizers", "dagster", "datasets")
 
@@ -34,11 +39,11 @@ def cached_artifact(
     backend: dict | None = None,
     extra_inputs: dict | None = None,
 ) -> Output:
-    key = context.asset_key.to_user_string()
+    name = context.asset_key.to_user_string()
     # the asset's declared code_version, so bumping it in the decorator invalidates the cache
     code_version = context.assets_def.code_versions_by_key[context.asset_key]
     fp = fingerprint(
-        asset_key=key,  # two assets with equal inputs (e.g. two recipes' base_model) stay distinct
+        asset_key=name,  # two assets with equal inputs (e.g. two recipes' base_model) stay distinct
         code_version=code_version,
         config=config,
         upstream={k: r.content_hash for k, r in sorted(upstream.items())},
@@ -55,10 +60,10 @@ def cached_artifact(
         "created_at": time.time(),
         "packages": package_versions(),
     }
-    ref, built = store.build_once(key, fp, build, record, context.log.info)
+    ref, built = store.build_once(name, fp, build, record, context.log.info)
     cached = not built
     if cached:
-        context.log.info(f"cache hit for {key}: fingerprint {fp}, data version {ref.content_hash}")
+        context.log.info(f"cache hit for {name}: fingerprint {fp}, data version {ref.content_hash}")
         store.open_verified(ref)  # a hit hands these bytes downstream; never corrupt ones
     manifest = store.manifest(fp)
     return Output(ref, data_version=DataVersion(ref.content_hash),

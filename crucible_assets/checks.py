@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, multi_asset_check, asset_check
 
-from crucible_assets.stages import key
-from resources.artifact_store import ArtifactRef, ArtifactStore, fingerprint
-from resources.registry import ModelRegistry
+from crucible_assets.caching import key
+from resources.store.artifact_store import ArtifactRef, ArtifactStore, fingerprint
+from resources.store.jsonl import read_jsonl
+from resources.store.registry import ModelRegistry
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -64,8 +65,7 @@ def _row(split: str, r: dict) -> dict:
 def record_frame(dataset: ArtifactRef) -> "pd.DataFrame":
     import pandas as pd
 
-    rows = [_row(split, json.loads(line)) for split in ("train", "test")
-            for line in (dataset.dir / f"{split}.jsonl").read_text().splitlines()]
+    rows = [_row(split, r) for split in ("train", "test") for r in read_jsonl(dataset.dir / f"{split}.jsonl")]
     return pd.DataFrame(rows, columns=list(dict.fromkeys(COLUMNS + [k for r in rows[:1] for k in r])))
 
 
@@ -102,8 +102,8 @@ def validate(df: "pd.DataFrame") -> dict[str, tuple[bool, dict]]:
     return results
 
 
-def dataset_checks(recipe: str, kind: str = "conversations"):
-    """`kind`: conversations (and documents), pairs or problems."""
+def dataset_checks(recipe: str, kind: str):
+    """`kind`: the recipe's data kind (crucible_assets/data.py)."""
     names = CHECKS_BY_KIND[kind]
 
     @multi_asset_check(specs=[AssetCheckSpec(name, asset=key(recipe, "dataset"), blocking=True) for name in names],
@@ -134,9 +134,10 @@ def recorded_verdict(store: ArtifactStore, dataset: ArtifactRef, names: tuple[st
     return store.verdict(fp), {}
 
 
-def eval_gate_check(recipe: str, delta: str = "test/nll_delta", higher_is_better: bool = False):
-    """Blocks registration unless the 95% CI of `delta` (trained - start) excludes zero on
-    the good side."""
+def eval_gate_check(recipe: str, metric: str, higher_is_better: bool):
+    """Blocks registration unless the 95% CI of the gate metric's paired gain (trained -
+    start) excludes zero on the good side."""
+    delta = f"{metric}_delta"
     direction = "above" if higher_is_better else "below"
 
     @asset_check(asset=key(recipe, "eval_report"), name="beats_starting_model", blocking=True,

@@ -4,19 +4,22 @@ paired bootstrap confidence intervals, so "better" means the interval excludes z
 from __future__ import annotations
 
 import math
-import re
+from typing import Callable
 
 import numpy as np
 from dagster import Config
-from pydantic import Field
+from pydantic import Field, NonNegativeInt, PositiveInt
 
-from resources.training_backend import SamplingParams, TrainingClient
+from resources.backends.types import SamplingParams, TrainingClient
+from resources.datasets.graders import grade_conversation
+
+Grader = Callable[[str, str], tuple[bool, bool]]  # (completion, reference) -> (correct, formatted)
 
 
 class EvalConfig(Config):
-    max_tokens: int = Field(default=24, description="generation budget per held-out prompt")
-    num_shown: int = Field(default=8, description="sampled completions included in the report")
-    bootstrap_samples: int = 1000
+    max_tokens: PositiveInt = Field(default=24, description="generation budget per held-out prompt")
+    num_shown: NonNegativeInt = Field(default=8, description="sampled completions included in the report")
+    bootstrap_samples: PositiveInt = 1000
     seed: int = 0
 
 
@@ -48,14 +51,19 @@ def paired_report(per_example: dict[str, tuple[np.ndarray, np.ndarray]], cfg: Ev
     return report
 
 
-def answer_matches(completion: str, reference: str) -> bool:
-    """Correct when the last number of the completion equals the reference's last number
-    (or, without numbers, when the reference text appears)."""
-    ref_nums = re.findall(r"-?\d+", reference)
-    got_nums = re.findall(r"-?\d+", completion)
-    if ref_nums:
-        return bool(got_nums) and got_nums[-1] == ref_nums[-1]
-    return reference.strip() in completion
+def greedy_answers(client: TrainingClient, tokenizer, rows: list[dict], max_tokens: int, stop: list[str], seed: int) -> list[str]:
+    """Each row's prompt answered at temperature 0, decoded; `stop` (the renderer's end-of-turn
+    sequences) ends an answer as a chat would."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=seed, stop=stop)
+    outs = client.sample([list(r["prompt_tokens"]) for r in rows], 1, params)
+    return [tokenizer.decode(o[0].tokens, skip_special_tokens=True) for o in outs]
+
+
+def greedy_accuracy(client: TrainingClient, tokenizer, rows: list[dict], grader: Grader, max_tokens: int, stop: list[str],
+                    seed: int) -> np.ndarray:
+    """1.0 where the greedy answer is graded correct against the row's reference."""
+    answers = greedy_answers(client, tokenizer, rows, max_tokens, stop, seed)
+    return np.array([grader(a, r["reference"])[0] for a, r in zip(answers, rows)], dtype=float)
 
 
 def evaluate(start: TrainingClient, trained: TrainingClient, tokenizer, rows: list[dict], test_bytes: np.ndarray, cfg: EvalConfig,
@@ -93,15 +101,13 @@ def sampled_accuracy(start: TrainingClient, trained: TrainingClient, tokenizer, 
     prompted = [r for r in rows if len(r["prompt_tokens"])]
     if not prompted:
         return {}
-    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0, seed=cfg.seed, stop=stop)
-    prompts = [list(r["prompt_tokens"]) for r in prompted]
     correct = {}
     for name, client in (("start/", start), ("", trained)):
-        outs = [tokenizer.decode(s[0].tokens, skip_special_tokens=True) for s in client.sample(prompts, 1, params)]
-        correct[name] = np.array([answer_matches(o, r["reference"]) for o, r in zip(outs, prompted)], dtype=float)
+        outs = greedy_answers(client, tokenizer, prompted, cfg.max_tokens, stop, cfg.seed)
+        correct[name] = np.array([grade_conversation(o, r["reference"])[0] for o, r in zip(outs, prompted)], dtype=float)
     report = paired_report({"test/accuracy": (correct[""], correct["start/"])}, cfg)
-    report["samples"] = [{"prompt": tokenizer.decode(p), "reference": r["reference"], "completion": o}
-                         for p, r, o in list(zip(prompts, prompted, outs))[: cfg.num_shown]]
+    report["samples"] = [{"prompt": tokenizer.decode(r["prompt_tokens"]), "reference": r["reference"], "completion": o}
+                         for r, o in list(zip(prompted, outs))[: cfg.num_shown]]
     return report
 
 

@@ -19,7 +19,6 @@ also becomes a DPO pair (`{"chosen", "rejected"}`: the edit over the original re
 
 
 import hashlib
-import json
 import math
 import os
 import re
@@ -29,11 +28,11 @@ from typing import Any
 from dagster import AssetExecutionContext, AssetIn, Config, Output, asset
 from pydantic import Field
 
-from crucible_assets.caching import cached_artifact
-from crucible_assets.stages import _jsonl, key
-from resources.artifact_store import ArtifactRef, ArtifactStore
-from resources.dataset_sources import ROLES, DatasetConfig, DatasetError, load_records
-from resources.home import crucible_home
+from crucible_assets.caching import cached_artifact, key
+from resources.datasets.sources import ROLES, DatasetConfig, DatasetError, load_records
+from resources.store.artifact_store import ArtifactRef, ArtifactStore
+from resources.store.home import crucible_home
+from resources.store.jsonl import read_jsonl, to_jsonl
 
 GROUP = "feedback"
 RATING_RANGE = (1, 5)
@@ -136,7 +135,7 @@ class CurationConfig(Config):
        description="Every feedback record in the feedback folder, validated; data version = content hash.")
 def feedback_dataset(context: AssetExecutionContext, config: FeedbackDatasetConfig, store: ArtifactStore) -> Output[ArtifactRef]:
     records = load_feedback(Path(config.folder).expanduser() if config.folder else feedback_folder())
-    body = _jsonl(records)
+    body = to_jsonl(records)
 
     def build(out, _work):
         (out / "records.jsonl").write_text(body)
@@ -149,10 +148,6 @@ def feedback_dataset(context: AssetExecutionContext, config: FeedbackDatasetConf
                            extra_inputs={"records_hash": hashlib.sha256(body.encode()).hexdigest()})
 
 
-def _read(dataset: ArtifactRef) -> list[dict]:
-    return [json.loads(line) for line in (dataset.dir / "records.jsonl").read_text().splitlines()]
-
-
 def curated_asset(stage: str, file: str, trains: str, curate, description: str):
     """`curate(records, config)` -> records in the format `trains`' JSONL loader reads, written to `file`."""
     @asset(key=key(GROUP, stage), group_name=GROUP, code_version="1", kinds={"json"},
@@ -160,8 +155,8 @@ def curated_asset(stage: str, file: str, trains: str, curate, description: str):
            description=f"{description} Train on it: {trains}__dataset source jsonl, path <artifact>/{file}.")
     def _curated(context: AssetExecutionContext, config: CurationConfig, store: ArtifactStore, dataset: ArtifactRef) -> Output[ArtifactRef]:
         def build(out, _work):
-            examples = curate(_read(dataset), config)
-            (out / file).write_text(_jsonl(examples))
+            examples = curate(read_jsonl(dataset.dir / "records.jsonl"), config)
+            (out / file).write_text(to_jsonl(examples))
             return {"rows": len(examples), "file": file}
 
         return cached_artifact(context, store, config=config.model_dump(), upstream={"dataset": dataset}, build=build)

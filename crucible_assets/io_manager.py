@@ -3,7 +3,7 @@ store and verifies its bytes against the manifest before use. Nothing is pickled
 
 from dagster import ConfigurableIOManager, InputContext, OutputContext, ResourceDependency
 
-from resources.artifact_store import ArtifactRef, ArtifactStore
+from resources.store.artifact_store import ArtifactRef, ArtifactStore
 
 
 class ArtifactIOManager(ConfigurableIOManager):

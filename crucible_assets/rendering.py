@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Literal, get_args
 
 import numpy as np
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-TRAIN_ON = ("last_assistant_message", "all_assistant_messages", "all_messages")
-RENDERERS = ("chat_template", "role_colon")
+TrainOn = Literal["last_assistant_message", "all_assistant_messages", "all_messages"]
+RendererName = Literal["chat_template", "role_colon"]  # the model's own template | "User: ...\n\nAssistant: ..."
+TRAIN_ON, RENDERERS = get_args(TrainOn), get_args(RendererName)
 ROLE_COLON_STOP = "\n\nUser:"
 
 

@@ -16,10 +16,12 @@ import pyarrow.parquet as pq
 
 from crucible_assets.rendering import (Encoded, Layout, RenderError, encode, layout, prompt_and_reference,
                                        require_trainable, stop_sequences)
+from resources.store.artifact_store import ArtifactRef
+from resources.store.jsonl import read_jsonl
 
 TOKENS, WEIGHTS = pa.list_(pa.int32()), pa.list_(pa.float32())
 SCHEMAS = {
-    "sft": pa.schema([("tokens", TOKENS), ("weights", WEIGHTS), ("prompt_tokens", TOKENS),
+    "conversations": pa.schema([("tokens", TOKENS), ("weights", WEIGHTS), ("prompt_tokens", TOKENS),
                       ("reference", pa.string()), ("target_bytes", pa.int64())]),
     "pairs": pa.schema([("chosen_tokens", TOKENS), ("chosen_weights", WEIGHTS), ("rejected_tokens", TOKENS),
                         ("rejected_weights", WEIGHTS), ("prompt_tokens", TOKENS), ("reference", pa.string())]),
@@ -111,7 +113,7 @@ def _problem_row(r: Renderer, record: dict, encoded: list[Encoded], where: Where
     return {"prompt_tokens": prompt, "reference": reference}, [len(prompt)]
 
 
-ROW_BUILDERS = {"sft": RowBuilder(_sft_layouts, _sft_row), "pairs": RowBuilder(_pair_layouts, _pair_row),
+ROW_BUILDERS = {"conversations": RowBuilder(_sft_layouts, _sft_row), "pairs": RowBuilder(_pair_layouts, _pair_row),
                 "problems": RowBuilder(lambda r, record, where: [], _problem_row)}
 
 
@@ -123,7 +125,7 @@ def build_rows(r: Renderer, kind: str, records: list[tuple[dict, Where]]) -> lis
 
 
 def sft_row(r: Renderer, record: dict, where: Where) -> tuple[dict, list[int]]:
-    return build_rows(r, "sft", [(record, where)])[0]
+    return build_rows(r, "conversations", [(record, where)])[0]
 
 
 def pair_row(r: Renderer, record: dict, where: Where) -> tuple[dict, list[int]]:
@@ -140,10 +142,10 @@ def tokenize_splits(dataset_dir: Path, out: Path, tok, kind: str, max_length: in
         path = dataset_dir / f"{split}.jsonl"
         r = Renderer(tok, max_length, train_on_what, renderer)
         rows, lengths = [], []
-        lines = path.read_text().splitlines()
-        for first in range(0, len(lines), CHUNK):
-            chunk = [(json.loads(line), lambda i=i, line=line: f"{path}: record {i} ({line[:300]})")
-                     for i, line in enumerate(lines[first: first + CHUNK], first + 1)]
+        records = read_jsonl(path)
+        for first in range(0, len(records), CHUNK):
+            chunk = [(record, lambda i=i, record=record: f"{path}: record {i} ({json.dumps(record)[:300]})")
+                     for i, record in enumerate(records[first: first + CHUNK], first + 1)]
             for row, row_lengths in build_rows(r, kind, chunk):
                 rows.append(row)
                 lengths += row_lengths
@@ -156,3 +158,13 @@ def tokenize_splits(dataset_dir: Path, out: Path, tok, kind: str, max_length: in
     render_info = {"renderer": renderer, "train_on_what": train_on_what, "stop": stop_sequences(tok, renderer)}
     (out / "render.json").write_text(json.dumps(render_info, sort_keys=True))
     return summary | {"stop": render_info["stop"]}
+
+
+def read_rows(tokenized: ArtifactRef, split: str) -> list[dict]:
+    """Every row of a tokenized artifact's split, all columns."""
+    return pq.read_table(tokenized.dir / f"{split}.parquet").to_pylist()
+
+
+def read_stop(tokenized: ArtifactRef) -> list[str]:
+    """The stop sequences of the renderer the shard was made with: where sampling ends a turn."""
+    return json.loads((tokenized.dir / "render.json").read_text())["stop"]

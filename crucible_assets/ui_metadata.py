@@ -11,7 +11,7 @@ from typing import Any
 from dagster import MetadataValue, TableColumn, TableRecord, TableSchema
 
 from crucible_assets.evaluation import comparison_rows
-from resources.artifact_store import ArtifactRef
+from resources.store.artifact_store import ArtifactRef
 
 # Well-known parts of an artifact dir, shown as clickable paths when present.
 ARTIFACT_PATHS = {"model": "model_dir", "state": "state_dir", "metrics.jsonl": "metrics_file",

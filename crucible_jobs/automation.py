@@ -9,9 +9,9 @@ shape as `dagster job execute -c`), else the recipe's defaults."""
 import copy
 
 import yaml
-from dagster import AssetSelection, AssetsDefinition, AutomationCondition, AutomationConditionSensorDefinition
+from dagster import AssetSelection, AutomationCondition, AutomationConditionSensorDefinition
 
-from resources.home import crucible_home
+from resources.store.home import crucible_home
 
 # AutomationCondition.eager() minus its `newly_missing` branch: eager would also build every
 # asset that was never materialized on the sensor's first tick, i.e. train every recipe with
@@ -22,14 +22,6 @@ FOLLOW_UPSTREAM = (
     & ~AutomationCondition.any_deps_in_progress()
     & ~AutomationCondition.in_progress()
 ).with_label("follow_upstream")
-
-
-def follow_upstream(assets: list[AssetsDefinition]) -> list[AssetsDefinition]:
-    """Every asset with an upstream re-materializes when one of its upstreams gets a new
-    version (a new sl_basic model retrains chat_sl, then dpo); roots (datasets, the base
-    tokenizer) change only through config, the drop folder or a schedule."""
-    return [a.map_asset_specs(lambda spec: spec.replace_attributes(automation_condition=FOLLOW_UPSTREAM) if spec.deps else spec)
-            for a in assets]
 
 
 # Stopped by default, like every schedule and sensor here: an upstream change retrains

@@ -1,67 +1,19 @@
 """`crucible` command line: lineage, audit (and reproduction), run comparison and the
 registry (listing, promote, rollback), read straight from the artifact store's manifests
-and the registry (no Dagster instance needed; a reproduction runs Dagster in a subprocess)."""
+and the registry (no Dagster instance needed; a reproduction runs Dagster in a subprocess).
+Arguments and printing only: what is printed comes from resources/store/ and reproduce.py."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import platform
-import shutil
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 from crucible_jobs import reproduce
-from resources.artifact_store import ArtifactRef, ArtifactStore
-from resources.cpu import cpu_model
-from resources.registry import ModelRegistry
-
-
-def resolve(target: str, store: ArtifactStore, registry: ModelRegistry) -> ArtifactRef:
-    """An asset key (`sl_basic/registered_model`) or a model (`sl_basic`, `sl_basic@champion`, `sl_basic:2`)."""
-    if "/" in target:
-        return store.latest(target)
-    entry = registry.resolve(target)
-    ref = store.lookup(entry["fingerprint"])
-    if ref is None:
-        raise FileNotFoundError(f"registry entry {target} points at fingerprint {entry['fingerprint']}, missing from the store")
-    return ref
-
-
-def lineage(ref: ArtifactRef, store: ArtifactStore, seen: set[str] | None = None) -> dict:
-    """The upstream tree; an artifact reached a second time (chains share ancestors) is a
-    stub marked `shown_above`, so the tree stays linear in the size of the graph."""
-    seen = set() if seen is None else seen
-    m = store.manifest(ref.fingerprint)
-    if ref.fingerprint in seen:
-        return {"key": m["key"], "data_version": m["content_hash"], "fingerprint": ref.fingerprint, "shown_above": True, "upstream": []}
-    seen.add(ref.fingerprint)
-    upstream = []
-    for u in m["upstream"]:
-        up = store.lookup(u["fingerprint"])
-        upstream.append(lineage(up, store, seen) if up else {"key": u["key"], "data_version": u["content_hash"], "missing": True, "upstream": []})
-    return {
-        "key": m["key"],
-        "data_version": m["content_hash"],
-        "fingerprint": m["fingerprint"],
-        "code_version": m["code_version"],
-        "config": m["config"],
-        "extra_inputs": m.get("extra_inputs"),
-        "backend": m.get("backend"),
-        "run_id": m["run_id"],
-        "path": ref.path,
-        "upstream": upstream,
-    }
-
-
-def walk(node: dict):
-    yield node
-    for u in node["upstream"]:
-        yield from walk(u)
+from resources.backends.local.cpu import machine_type
+from resources.store import compare, lineage
+from resources.store.artifact_store import ArtifactRef, ArtifactStore
+from resources.store.registry import ModelRegistry
 
 
 def print_tree(node: dict, indent: str = "") -> None:
@@ -77,7 +29,7 @@ def print_tree(node: dict, indent: str = "") -> None:
 
 
 def cmd_lineage(args, store, registry) -> int:
-    tree = lineage(resolve(args.target, store, registry), store)
+    tree = lineage.lineage_tree(store, lineage.resolve(args.target, store, registry))
     if args.json:
         print(json.dumps(tree, indent=1, sort_keys=True))
     else:
@@ -86,56 +38,40 @@ def cmd_lineage(args, store, registry) -> int:
 
 
 def cmd_audit(args, store, registry) -> int:
-    ref = resolve(args.target, store, registry)
-    failures, seen = 0, set()
-    for node in walk(lineage(ref, store)):
-        if node.get("fingerprint", node["data_version"]) in seen:
-            continue
-        seen.add(node.get("fingerprint", node["data_version"]))
+    ref = lineage.resolve(args.target, store, registry)
+    failures = 0
+    for node, bad in lineage.audit(store, lineage.lineage_tree(store, ref)):
         if node.get("missing"):
             print(f"MISSING {node['key']} {node['data_version']}")
             failures += 1
             continue
-        artifact = ArtifactRef(key=node["key"], fingerprint=node["fingerprint"], content_hash=node["data_version"], path=node["path"])
-        bad = store.verify(artifact)
         failures += bool(bad)
-        print(f"{'OK     ' if not bad else 'FAILED '}{node['key']} {node['data_version']}" + "".join(f"\n    mismatch: {artifact.path}/{f}" for f in bad))
+        print(f"{'OK     ' if not bad else 'FAILED '}{node['key']} {node['data_version']}" + "".join(f"\n    mismatch: {node['path']}/{f}" for f in bad))
     print("audit passed" if not failures else f"audit failed: {failures} artifact(s) do not match their manifests")
     if args.reproduce:
-        return max(1 if failures else 0, reproduce_chain(ref, store, args.scratch, args.keep))
+        return max(1 if failures else 0, print_reproduction(ref, store, args.scratch, args.keep))
     return 1 if failures else 0
 
 
-def reproduce_chain(ref: ArtifactRef, store: ArtifactStore, scratch_dir: str | None, keep: bool) -> int:
-    ancestry = store.ancestry(ref.fingerprint)
-    job = ref.key.split("/")[0]
-    scratch = Path(scratch_dir) if scratch_dir else Path(tempfile.mkdtemp(prefix="crucible-reproduce-"))
-    print(f"re-materializing job {job} ({len(ancestry)} artifacts) into scratch {scratch}")
-    started = time.time()
-    ok, log = reproduce.rematerialize(job, reproduce.run_config(ancestry), scratch)
-    rows = reproduce.compare(ancestry, ArtifactStore(root=str(scratch / "crucible" / "store")))
-    for row in rows:
+def print_reproduction(ref: ArtifactRef, store: ArtifactStore, scratch_dir: str | None, keep: bool) -> int:
+    job, chain, scratch = reproduce.plan(ref, store, scratch_dir)
+    print(f"re-materializing job {job} ({len(chain)} artifacts) into scratch {scratch}")
+    result = reproduce.reproduce_chain(job, chain, scratch, keep)
+    for row in result.rows:
         print(f"{row['status'].upper():<15}{row['key']} {row['data_version']}"
               + (f" -> {row['reproduced']}" if row.get("reproduced", row["data_version"]) != row["data_version"] else "")
               + "".join(f"\n    changed: {c}" for c in row.get("changed", []))
               + "".join(f"\n    file differs: {f}" for f in row.get("files", [])))
-    first = next((r for r in rows if r["status"] != "identical"), None)
+    first = result.first_difference
     if first is None:
-        print(f"reproduce passed: all {len(rows)} data versions bit-identical on this machine ({machine_type()}) "
-              f"in {time.time() - started:.0f} s")
-        if not keep:
-            shutil.rmtree(scratch, ignore_errors=True)
+        print(f"reproduce passed: all {len(result.rows)} data versions bit-identical on this machine ({machine_type()}) "
+              f"in {result.seconds:.0f} s")
         return 0
-    cause = first.get("changed") or first.get("files") or [f"the run stopped before it (log: {log})"]
+    cause = first.get("changed") or first.get("files") or [f"the run stopped before it (log: {result.log})"]
     print(f"reproduce failed: first asset that differs: {first['key']} ({first['status']}): {cause[0]}")
-    if not ok:
-        print(f"the scratch run failed; its log: {log}")
+    if not result.ok:
+        print(f"the scratch run failed; its log: {result.log}")
     return 1
-
-
-def machine_type() -> str:
-    """What "same machine type" means for a bit-identical claim: architecture, CPU model, cores."""
-    return f"{platform.machine()}, {cpu_model()}, {os.cpu_count()} cores"
 
 
 def cmd_models(args, store, registry) -> int:
@@ -170,36 +106,16 @@ def cmd_rollback(args, store, registry) -> int:
 def cmd_compare(args, store, registry) -> int:
     a, b = registry.resolve(args.a), registry.resolve(args.b)
     print(f"{'metric':<32}{args.a:>14}{args.b:>14}{'b - a':>12}  95% CI of b - a")
-    for metric in sorted(k for k in set(a["metrics"]) & set(b["metrics"]) if not k.startswith("start/")):
-        va, vb = a["metrics"][metric], b["metrics"][metric]
-        ci = difference_ci(vb - va, a.get("metric_cis", {}).get(metric), b.get("metric_cis", {}).get(metric))
+    for metric, va, vb, ci in compare.metric_differences(a, b):
         ci_text = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "n/a"
         print(f"{metric:<32}{va:>14.4f}{vb:>14.4f}{vb - va:>+12.4f}  {ci_text}")
-    configs = [chain_configs(store, e) for e in (a, b)]
-    changes = list(reproduce.diff(*configs))
+    changes = compare.config_changes(store, a, b)
     print("\nconfig diff (asset.field: a -> b; a model's own stages without its recipe prefix):" if changes else "\nconfigs identical")
     for path, va, vb in changes:
         print(f"  {path.lstrip('.')}: {va!r} -> {vb!r}")
-    data = list(reproduce.diff(a.get("data_hashes", {}), b.get("data_hashes", {})))
-    for path, va, vb in data:
+    for path, va, vb in compare.data_changes(a, b):
         print(f"  data {path.lstrip('.')}: {va} -> {vb}")
     return 0
-
-
-def chain_configs(store: ArtifactStore, entry: dict) -> dict:
-    """Config of every artifact in a model's chain; its own recipe's stages are keyed by
-    stage alone, so two recipes' models line up stage by stage."""
-    own = entry["asset_key"].split("/")[0] + "/"
-    return {m["key"].removeprefix(own): m["config"] for m in store.ancestry(entry["fingerprint"])}
-
-
-def difference_ci(delta: float, ci_a: list | None, ci_b: list | None) -> tuple[float, float] | None:
-    """CI of b - a for two independent evaluations (each model on its own test split), by a
-    normal approximation from each model's 95% bootstrap CI."""
-    if not ci_a or not ci_b:
-        return None
-    se = math.hypot((ci_a[1] - ci_a[0]) / (2 * 1.96), (ci_b[1] - ci_b[0]) / (2 * 1.96))
-    return delta - 1.96 * se, delta + 1.96 * se
 
 
 def main(argv: list[str] | None = None) -> int:

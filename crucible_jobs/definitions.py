@@ -1,20 +1,23 @@
-"""Definitions in one place: every recipe's assets and checks, the shared base, the feedback
-loop's assets, resources, jobs, and the automation (schedules, sensors), all stopped by default."""
+"""Definitions in one place: every recipe's own Definitions (assets, checks, job), the shared
+base, the feedback loop's assets, resources, and the automation (schedules, sensors), all
+stopped by default."""
 
-from dagster import Definitions, ExecutorDefinition, define_asset_job, in_process_executor, map_asset_specs
+import warnings
+
+from dagster import Definitions, ExecutorDefinition, PreviewWarning, define_asset_job, in_process_executor
 
 from crucible_assets import feedback
-from crucible_assets.base_assets import BASE_ASSETS
+from crucible_assets.base import BASE_ASSETS
 from crucible_assets.io_manager import ArtifactIOManager
-from crucible_jobs.automation import follow_upstream, follow_upstream_sensor
-from crucible_jobs.jobs import RECIPES, recipe_job
+from crucible_assets.recipe import recipe_definitions
+from crucible_jobs.automation import FOLLOW_UPSTREAM, follow_upstream_sensor
 from crucible_jobs.schedules import recipe_schedule
 from crucible_jobs.sensors import drop_folder_sensor, feedback_sensors
-from resources.artifact_store import ArtifactStore
-from resources.backend import TrainingBackendResource
-from resources.registry import ModelRegistry
+from recipes import RECIPES
+from resources.backends.resource import TrainingBackendResource
+from resources.store.artifact_store import ArtifactStore
+from resources.store.registry import ModelRegistry
 from resources.tracking import TrackingResource
-
 
 # Shown on every asset in the UI: who to ask about a recipe's outputs.
 OWNERS = ["team:post-training"]
@@ -23,17 +26,23 @@ feedback_job = define_asset_job(feedback.GROUP, selection=[a.key for a in feedba
                                 description="Ingest the feedback folder and curate SFT examples and DPO pairs from it.")
 
 
+def with_owners_and_automation(spec):
+    """Every asset with an upstream re-materializes when one of its upstreams gets a new
+    version (a new sl_basic model retrains chat_sl, then dpo); roots (datasets, the base
+    tokenizer) change only through config, the drop folder or a schedule."""
+    spec = spec.replace_attributes(owners=OWNERS)
+    return spec.replace_attributes(automation_condition=FOLLOW_UPSTREAM) if spec.deps else spec
+
+
 def build_defs(executor: ExecutorDefinition = in_process_executor) -> Definitions:
     """`executor` runs every recipe job: in-process here, one pod or worker per step on a
     cluster (deploy/k8s/definitions.py, deploy/celery/definitions.py)."""
     store = ArtifactStore()
-    return Definitions(
-        assets=map_asset_specs(lambda spec: spec.replace_attributes(owners=OWNERS),
-                               follow_upstream(BASE_ASSETS + [a for r in RECIPES for a in r.assets] + feedback.assets)),
-        asset_checks=[c for r in RECIPES for c in r.checks],
-        jobs=[recipe_job(r.NAME, executor) for r in RECIPES] + [feedback_job],
-        schedules=[recipe_schedule(r.NAME) for r in RECIPES],
-        sensors=[drop_folder_sensor(r.NAME) for r in RECIPES] + feedback_sensors() + [follow_upstream_sensor],
+    shared = Definitions(
+        assets=BASE_ASSETS + feedback.assets,
+        jobs=[feedback_job],
+        schedules=[recipe_schedule(r.name) for r in RECIPES],
+        sensors=[drop_folder_sensor(r.name) for r in RECIPES] + feedback_sensors() + [follow_upstream_sensor],
         resources={
             "store": store,
             "registry": ModelRegistry(),
@@ -42,6 +51,10 @@ def build_defs(executor: ExecutorDefinition = in_process_executor) -> Definition
             "io_manager": ArtifactIOManager(store=store),
         },
     )
+    merged = Definitions.merge(*(recipe_definitions(r, executor) for r in RECIPES), shared)
+    with warnings.catch_warnings():  # Definitions.map_asset_specs is marked preview in dagster 1.13
+        warnings.simplefilter("ignore", PreviewWarning)
+        return merged.map_asset_specs(func=with_owners_and_automation)
 
 
 defs = build_defs()

@@ -8,13 +8,56 @@ upstream data version, a source file's records hash, the backend)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from resources.artifact_store import ArtifactStore
+from resources.store import lineage
+from resources.store.artifact_store import ArtifactRef, ArtifactStore
+from resources.store.compare import diff
+
+
+@dataclass
+class Reproduction:
+    """What one reproduction found; the command decides how to report it."""
+
+    ok: bool  # the scratch run itself succeeded; rows may still differ when it did
+    log: Path
+    rows: list[dict]
+    seconds: float
+
+    @property
+    def first_difference(self) -> dict | None:
+        """The artifact to blame: upstream of every other that differs."""
+        return next((r for r in self.rows if r["status"] != "identical"), None)
+
+
+def plan(ref: ArtifactRef, store: ArtifactStore, scratch_dir: str | None) -> tuple[str, list[dict], Path]:
+    """The job that builds `ref`, its chain upstream first, and where to rebuild it (a new
+    temporary directory unless one is given): known before the long run starts, so the
+    caller can say what it is about to do."""
+    chain = lineage.ancestry(store, ref.fingerprint)
+    scratch = Path(scratch_dir) if scratch_dir else Path(tempfile.mkdtemp(prefix="crucible-reproduce-"))
+    return ref.key.split("/")[0], chain, scratch
+
+
+def reproduce_chain(job: str, chain: list[dict], scratch: Path, keep: bool) -> Reproduction:
+    """Rebuilds the chain in the scratch and compares it artifact by artifact. A scratch that
+    reproduced everything proves nothing more, so it is removed unless `keep`; one that
+    differs is kept for its log and files."""
+    started = time.time()
+    ok, log = rematerialize(job, run_config(chain), scratch)
+    rows = compare(chain, ArtifactStore(root=str(scratch / "crucible" / "store")))
+    result = Reproduction(ok, log, rows, time.time() - started)
+    if result.first_difference is None and not keep:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return result
 
 
 def run_config(ancestry: list[dict]) -> dict:
@@ -98,13 +141,3 @@ def input_changes(original: dict, rebuilt: dict) -> list[str]:
     after = {u["key"]: u["content_hash"] for u in rebuilt["upstream"]}
     changes += [f"upstream {k}: {before.get(k)} -> {after.get(k)}" for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
     return changes
-
-
-def diff(a, b, path: str = ""):
-    """(path, a, b) for every leaf where two nested dicts differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            yield from diff(a.get(k), b.get(k), f"{path}.{k}")
-    elif a != b:
-        yield path, a, b
-

@@ -16,8 +16,8 @@ from pydantic import BaseModel, Field
 
 from crucible_assets.feedback import CURATED, GROUP, CurationConfig, feedback_folder, load_feedback, rating_drop, sft_examples
 from crucible_jobs.automation import automation_run_config, with_dataset
-from resources.home import crucible_home
-from resources.registry import ModelRegistry
+from resources.store.home import crucible_home
+from resources.store.registry import ModelRegistry
 
 DATA_SUFFIXES = (".jsonl", ".parquet")
 

@@ -5,51 +5,47 @@ By default it continues from sl_basic's registered model (lineage: chat_sl <- sl
 base) on seeded synthetic multi-turn arithmetic chats. Point `chat_sl__dataset` at a
 tinker-cookbook conversation file, Tulu 3 or no_robots (examples/chat_sl_*.yaml)."""
 
-from crucible_assets.checks import dataset_checks, eval_gate_check, length_check, promotion_gate_check
-from crucible_assets.evaluation import EvalConfig
-from crucible_assets.stages import (
-    TokenizeConfig,
-    base_model_asset,
-    dataset_asset,
-    registered_model_asset,
-    sft_checkpoint_asset,
-    sft_eval_report_asset,
-    tokenized_asset,
-)
-from crucible_assets.supervised import SupervisedTrainConfig
-from resources.dataset_sources import DatasetConfig
+from pydantic import NonNegativeInt, PositiveInt
 
-NAME = "chat_sl"
+from crucible_assets.data import MaxLength, TokenizeConfig
+from crucible_assets.evaluation import EvalConfig
+from crucible_assets.recipe import Gate, Recipe
+from crucible_assets.rendering import TrainOn
+from crucible_assets.train import sft
+from crucible_assets.train.loop import PositiveFinite
+from resources.datasets.sources import DatasetConfig, Generator
 
 
 class ChatSlDataset(DatasetConfig):
-    generator: str = "arithmetic_chat"
-    num_examples: int = 2000
+    generator: Generator = "arithmetic_chat"
+    num_examples: NonNegativeInt = 2000
 
 
 class ChatSlTokenize(TokenizeConfig):
-    max_length: int = 128
-    train_on_what: str = "all_assistant_messages"
+    max_length: MaxLength = 128
+    train_on_what: TrainOn = "all_assistant_messages"
 
 
-class ChatSlTrain(SupervisedTrainConfig):
-    learning_rate: float = 2e-3
-    batch_size: int = 32
-    max_steps: int = 200
-    eval_every: int = 50
-    save_every: int = 50
+class ChatSlTrain(sft.SftConfig):
+    learning_rate: PositiveFinite = 2e-3
+    batch_size: PositiveInt = 32
+    max_steps: NonNegativeInt = 200
+    eval_every: PositiveInt = 50
+    save_every: PositiveInt = 50
 
 
 class ChatSlEval(EvalConfig):
-    max_tokens: int = 24
+    max_tokens: PositiveInt = 24
 
 
-assets = [
-    base_model_asset(NAME, start_from="sl_basic"),
-    dataset_asset(NAME, ChatSlDataset),
-    tokenized_asset(NAME, ChatSlTokenize),
-    sft_checkpoint_asset(NAME, ChatSlTrain),
-    sft_eval_report_asset(NAME, ChatSlEval),
-    registered_model_asset(NAME, lineage_edge="fine_tuned_from"),
-]
-checks = [dataset_checks(NAME), length_check(NAME), eval_gate_check(NAME), promotion_gate_check(NAME)]
+RECIPE = Recipe(
+    name="chat_sl",
+    algorithm=sft.ALGORITHM,
+    start_from="sl_basic",
+    dataset=ChatSlDataset,
+    tokenize=ChatSlTokenize,
+    train=ChatSlTrain,
+    evaluate=ChatSlEval,
+    gate=Gate("test/nll", higher_is_better=False),
+    lineage_edge="fine_tuned_from",
+)

@@ -8,45 +8,42 @@ math_rl's one-digit arithmetic questions. `distillation__teacher` and `distillat
 a local HF dir or hub id instead (they must share a tokenizer). Lineage: the registered
 student is `distilled_from` the teacher, whose own lineage reaches its data."""
 
-from crucible_assets.checks import dataset_checks, eval_gate_check, length_check, promotion_gate_check
-from crucible_assets.distill_stages import (DistillEvalConfig, TeacherSamplesConfig, distill_checkpoint_asset,
-                                            distill_eval_report_asset, teacher_samples_asset)
-from crucible_assets.distillation import DistillConfig
-from crucible_assets.stages import TokenizeConfig, base_model_asset, dataset_asset, registered_model_asset, tokenized_asset
-from resources.dataset_sources import DatasetConfig
-from resources.problem_sources import validate_problem
+from pydantic import NonNegativeInt, PositiveInt
 
-NAME = "distillation"
+from crucible_assets.data import MaxLength, TokenizeConfig
+from crucible_assets.recipe import Gate, Recipe
+from crucible_assets.train import distill
+from crucible_assets.train.loop import PositiveFinite
+from resources.datasets.sources import DatasetConfig, Generator
 
 
 class DistillDataset(DatasetConfig):
-    generator: str = "one_digit_problems"
-    num_examples: int = 2000
+    generator: Generator = "one_digit_problems"
+    num_examples: NonNegativeInt = 2000
 
 
 class DistillTokenize(TokenizeConfig):
-    max_length: int = 256  # prompts longer than this are an error, not a truncation
+    max_length: MaxLength = 256  # prompts longer than this are an error, not a truncation
 
 
-class DistillTrain(DistillConfig):
-    mode: str = "off_then_on"
-    learning_rate: float = 3e-3
-    batch_size: int = 32
-    max_steps: int = 300
-    eval_every: int = 50
-    save_every: int = 50
+class DistillTrain(distill.DistillConfig):
+    mode: distill.DistillMode = "off_then_on"
+    learning_rate: PositiveFinite = 3e-3
+    batch_size: PositiveInt = 32
+    max_steps: NonNegativeInt = 300
+    eval_every: PositiveInt = 50
+    save_every: PositiveInt = 50
 
 
-assets = [
-    base_model_asset(NAME, start_from="math_rl", stage="teacher"),
-    base_model_asset(NAME, base="tiny_llama_small"),
-    dataset_asset(NAME, DistillDataset, validate=validate_problem),
-    tokenized_asset(NAME, DistillTokenize, kind="problems"),
-    teacher_samples_asset(NAME, TeacherSamplesConfig),
-    distill_checkpoint_asset(NAME, DistillTrain),
-    distill_eval_report_asset(NAME, DistillEvalConfig),
-    registered_model_asset(NAME, lineage_edge="distilled_from", metric="test/accuracy", lower_is_better=False,
-                           lineage_stage="teacher"),
-]
-checks = [dataset_checks(NAME, "problems"), length_check(NAME),
-          eval_gate_check(NAME, delta="test/accuracy_delta", higher_is_better=True), promotion_gate_check(NAME)]
+RECIPE = Recipe(
+    name="distillation",
+    algorithm=distill.ALGORITHM,
+    base="tiny_llama_small",
+    models={"teacher": "math_rl"},
+    dataset=DistillDataset,
+    tokenize=DistillTokenize,
+    train=DistillTrain,
+    gate=Gate("test/accuracy", higher_is_better=True),
+    lineage_edge="distilled_from",
+    lineage_stage="teacher",
+)

@@ -7,44 +7,43 @@ base) on sl_basic's one-digit arithmetic questions, graded on the last integer o
 sl_basic's model answers them greedily but not yet reliably when it samples; RL sharpens it. GSM8K
 and MATH load through `datasets` (examples/math_rl.yaml)."""
 
-from crucible_assets.checks import dataset_checks, eval_gate_check, length_check, promotion_gate_check
-from crucible_assets.rl import RlConfig
-from crucible_assets.rl_stages import RlEvalConfig, rl_checkpoint_asset, rl_eval_report_asset
-from crucible_assets.stages import TokenizeConfig, base_model_asset, dataset_asset, registered_model_asset, tokenized_asset
-from resources.dataset_sources import DatasetConfig
-from resources.problem_sources import validate_problem
+from pydantic import NonNegativeInt, PositiveInt
 
-NAME = "math_rl"
+from crucible_assets.data import MaxLength, TokenizeConfig
+from crucible_assets.recipe import Gate, Recipe
+from crucible_assets.train import rl
+from crucible_assets.train.loop import LrSchedule, PositiveFinite
+from resources.datasets.sources import DatasetConfig, Generator
 
 
 class MathRlDataset(DatasetConfig):
-    generator: str = "one_digit_problems"
-    num_examples: int = 2000
+    generator: Generator = "one_digit_problems"
+    num_examples: NonNegativeInt = 2000
 
 
 class MathRlTokenize(TokenizeConfig):
-    max_length: int = 256  # prompts longer than this are an error, not a truncation
+    max_length: MaxLength = 256  # prompts longer than this are an error, not a truncation
 
 
-class MathRlTrain(RlConfig):
+class MathRlTrain(rl.RlConfig):
     # measured: sl_basic's model sits in a sharp minimum (its schedule decays to zero); Adam
     # steps above ~5e-5 undo more than the noisy policy gradient gains, so: small, constant, many
-    learning_rate: float = 5e-5
-    lr_schedule: str = "constant"
-    batch_size: int = 32
-    group_size: int = 8
-    max_steps: int = 100
-    eval_every: int = 25
-    save_every: int = 25
+    learning_rate: PositiveFinite = 5e-5
+    lr_schedule: LrSchedule = "constant"
+    batch_size: PositiveInt = 32
+    group_size: rl.GroupSize = 8
+    max_steps: NonNegativeInt = 100
+    eval_every: PositiveInt = 25
+    save_every: PositiveInt = 25
 
 
-assets = [
-    base_model_asset(NAME, start_from="sl_basic"),
-    dataset_asset(NAME, MathRlDataset, validate=validate_problem),
-    tokenized_asset(NAME, MathRlTokenize, kind="problems"),
-    rl_checkpoint_asset(NAME, MathRlTrain),
-    rl_eval_report_asset(NAME, RlEvalConfig),
-    registered_model_asset(NAME, lineage_edge="rl_trained_from", metric="test/sample_accuracy", lower_is_better=False),
-]
-checks = [dataset_checks(NAME, "problems"), length_check(NAME),
-          eval_gate_check(NAME, delta="test/sample_accuracy_delta", higher_is_better=True), promotion_gate_check(NAME)]
+RECIPE = Recipe(
+    name="math_rl",
+    algorithm=rl.ALGORITHM,
+    start_from="sl_basic",
+    dataset=MathRlDataset,
+    tokenize=MathRlTokenize,
+    train=MathRlTrain,
+    gate=Gate("test/sample_accuracy", higher_is_better=True),
+    lineage_edge="rl_trained_from",
+)

@@ -3,49 +3,43 @@
 Defaults train the embedded tiny Llama on seeded synthetic arithmetic chats in about a
 minute on two CPU cores. Override any field with `-c overrides.yaml` (examples/)."""
 
-from crucible_assets.checks import dataset_checks, eval_gate_check, length_check, promotion_gate_check
-from crucible_assets.evaluation import EvalConfig
-from crucible_assets.stages import (
-    TokenizeConfig,
-    base_model_asset,
-    dataset_asset,
-    registered_model_asset,
-    sft_checkpoint_asset,
-    sft_eval_report_asset,
-    tokenized_asset,
-)
-from crucible_assets.supervised import SupervisedTrainConfig
-from resources.dataset_sources import DatasetConfig
+from pydantic import NonNegativeInt, PositiveInt
 
-NAME = "sl_basic"
+from crucible_assets.data import MaxLength, TokenizeConfig
+from crucible_assets.evaluation import EvalConfig
+from crucible_assets.recipe import Gate, Recipe
+from crucible_assets.train import sft
+from crucible_assets.train.loop import PositiveFinite
+from resources.datasets.sources import DatasetConfig
 
 
 class SlBasicDataset(DatasetConfig):
-    num_examples: int = 2000
+    num_examples: NonNegativeInt = 2000
 
 
 class SlBasicTokenize(TokenizeConfig):
-    max_length: int = 128
+    max_length: MaxLength = 128
 
 
-class SlBasicTrain(SupervisedTrainConfig):
-    learning_rate: float = 3e-3
-    batch_size: int = 32
-    max_steps: int = 300
-    eval_every: int = 50
-    save_every: int = 50
+class SlBasicTrain(sft.SftConfig):
+    learning_rate: PositiveFinite = 3e-3
+    batch_size: PositiveInt = 32
+    max_steps: NonNegativeInt = 300
+    eval_every: PositiveInt = 50
+    save_every: PositiveInt = 50
 
 
 class SlBasicEval(EvalConfig):
-    max_tokens: int = 16
+    max_tokens: PositiveInt = 16
 
 
-assets = [
-    base_model_asset(NAME),
-    dataset_asset(NAME, SlBasicDataset),
-    tokenized_asset(NAME, SlBasicTokenize),
-    sft_checkpoint_asset(NAME, SlBasicTrain),
-    sft_eval_report_asset(NAME, SlBasicEval),
-    registered_model_asset(NAME, lineage_edge="fine_tuned_from"),
-]
-checks = [dataset_checks(NAME), length_check(NAME), eval_gate_check(NAME), promotion_gate_check(NAME)]
+RECIPE = Recipe(
+    name="sl_basic",
+    algorithm=sft.ALGORITHM,
+    dataset=SlBasicDataset,
+    tokenize=SlBasicTokenize,
+    train=SlBasicTrain,
+    evaluate=SlBasicEval,
+    gate=Gate("test/nll", higher_is_better=False),
+    lineage_edge="fine_tuned_from",
+)

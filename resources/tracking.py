@@ -24,9 +24,9 @@ from typing import Any
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from crucible_assets.training import read_metrics
-from resources.artifact_store import ArtifactRef
-from resources.home import crucible_home
+from resources.store.artifact_store import ArtifactRef
+from resources.store.home import crucible_home
+from resources.store.jsonl import read_jsonl
 
 FINGERPRINT_TAG = "crucible.fingerprint"
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
@@ -34,7 +34,7 @@ METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 
 def numeric_rows(ref: ArtifactRef) -> list[dict[str, float]]:
     """Per-step numbers of a checkpoint's metrics.jsonl, keyed by metric name."""
-    return [{k: float(v) for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)} for r in read_metrics(ref.dir)]
+    return [{k: float(v) for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)} for r in read_jsonl(ref.dir / "metrics.jsonl")]
 
 
 def flat_params(config: dict, prefix: str = "") -> dict[str, str]:

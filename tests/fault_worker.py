@@ -25,12 +25,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-import resources.local_torch_client as local_torch_client
+import resources.backends.local.client as local_torch_client
 from crucible_assets.stages import save_checkpoint
 from crucible_assets.supervised import train_supervised
 from crucible_assets.training import TrainConfig
-from resources.artifact_store import ArtifactStore
-from resources.local_torch import LocalTorchBackend
+from resources.store.artifact_store import ArtifactStore
+from resources.backends.local.backend import LocalTorchBackend
 
 KEY = "faults/checkpoint"
 FP = "f" * 32

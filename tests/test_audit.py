@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import TINY_RUN_CONFIG, run_job
-from crucible_assets.synthetic import arithmetic_conversations
+from resources.datasets.synthetic import arithmetic_conversations
 from crucible_jobs.cli import main as crucible
 from crucible_jobs.reproduce import input_changes
 

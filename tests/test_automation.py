@@ -15,12 +15,12 @@ from dagster import (AssetKey, AssetMaterialization, DagsterEventType, DagsterIn
                      build_schedule_context, build_sensor_context, evaluate_automation_conditions)
 
 from conftest import TINY_RUN_CONFIG, config_for, env_with
-from crucible_assets.synthetic import arithmetic_conversations
+from resources.datasets.synthetic import arithmetic_conversations
 from crucible_jobs import defs
 from crucible_jobs.automation import FOLLOW_UPSTREAM
 from crucible_jobs.jobs import RECIPES
-from resources.artifact_store import ArtifactStore
-from resources.registry import ModelRegistry
+from resources.store.artifact_store import ArtifactStore
+from resources.store.registry import ModelRegistry
 
 RECIPE_NAMES = [r.NAME for r in RECIPES]
 

@@ -15,10 +15,10 @@ import tinker
 import torch
 
 from crucible_assets.base_models import build_tiny_llama, train_tokenizer
-from resources.local_torch import LocalTorchBackend
-from resources.retries import BackendAuthError, BackendUnavailableError, RetryPolicy, resolve
-from resources.tinker_backend import API_KEY_ENV, POINTER_FILE, TinkerBackend, classify
-from resources.training_backend import AdamParams, Datum, SamplingParams
+from resources.backends.local.backend import LocalTorchBackend
+from resources.backends.tinker.retries import BackendAuthError, BackendUnavailableError, RetryPolicy, resolve
+from resources.backends.tinker.backend import API_KEY_ENV, POINTER_FILE, TinkerBackend, classify
+from resources.backends.types import AdamParams, Datum, SamplingParams
 from tinker_standin import HANG, TinkerStandIn, connection_error, status_error
 
 RANK = 4

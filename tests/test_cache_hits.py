@@ -9,7 +9,7 @@ import pytest
 
 from conftest import TINY_RUN_CONFIG, heavy_imports_after, run_job
 from crucible_assets import checks
-from resources.artifact_store import ArtifactStore, IntegrityError
+from resources.store.artifact_store import ArtifactStore, IntegrityError
 
 DATASET = "sl_basic/dataset"
 
@@ -75,7 +75,7 @@ def test_open_verified_hashes_once_until_a_file_changes(tmp_path, monkeypatch):
     os.utime(weights, ns=(10**18, 10**18))  # written long ago: the flip below gets a new mtime
     store.open_verified(ref)
 
-    import resources.artifact_store as artifact_store
+    import resources.store.artifact_store as artifact_store
 
     real_hash = artifact_store.hash_tree
     hashed = []

@@ -16,11 +16,11 @@ from tokenizers.processors import TemplateProcessing
 from crucible_assets.base_models import build_tiny_llama, train_tokenizer
 from crucible_assets.checks import validate
 from crucible_assets.rendering import RenderError, prompt_and_reference, render, stop_sequences
-from crucible_assets.synthetic import arithmetic_chats
-from resources.dataset_sources import DatasetConfig, DatasetError, load_records, split_records
-from resources.local_torch import LocalTorchBackend
-from resources.packing import pack, padding_fraction
-from resources.training_backend import Datum
+from resources.datasets.synthetic import arithmetic_chats
+from resources.datasets.sources import DatasetConfig, DatasetError, load_records, split_records
+from resources.backends.local.backend import LocalTorchBackend
+from resources.backends.local.packing import pack, padding_fraction
+from resources.backends.types import Datum
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -188,7 +188,7 @@ def test_packed_loss_and_gradients_equal_unpacked(tiny_model):
 
 def test_restarted_positions_alone_do_not_isolate(tiny_model):
     """Guards the mask: without the block-diagonal mask, packed sequences see each other."""
-    from resources.packing import block_causal_mask
+    from resources.backends.local.packing import block_causal_mask
 
     client = LocalTorchBackend(device="cpu", precision="fp32").create_training_client(tiny_model, 0, 0)
     a, b = [11, 12, 13, 14], [21, 22, 23]

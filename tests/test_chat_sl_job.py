@@ -12,9 +12,9 @@ import yaml
 
 from conftest import TINY_RUN_CONFIG, run_job, tree_digest
 from crucible_jobs.cli import main as crucible
-from crucible_jobs.cli import walk
-from resources.artifact_store import ArtifactStore
-from resources.registry import ModelRegistry
+from resources.store.artifact_store import ArtifactStore
+from resources.store.lineage import walk
+from resources.store.registry import ModelRegistry
 from test_sl_basic_job import cached_flags, data_versions
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from dagster import DagsterInstance
 
 from conftest import TINY_RUN_CONFIG, run_job
 from crucible_assets.supervised import SupervisedTrainConfig
-from resources.artifact_store import ArtifactStore
+from resources.store.artifact_store import ArtifactStore
 
 # float32 sums taken in another order (two shards plus an all-reduce instead of one batch)
 # differ in the last bits; over a few Adam steps that stays far below this

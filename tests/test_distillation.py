@@ -12,11 +12,11 @@ from crucible_assets.base_models import build_tiny_llama, train_tokenizer
 from crucible_assets.distill_stages import require_shared_tokenizer
 from crucible_assets.distillation import DistillConfig, reverse_kl_advantages, train_distill
 from crucible_assets.rl import rl_datum
-from crucible_assets.synthetic import arithmetic_problems
+from resources.datasets.synthetic import arithmetic_problems
 from crucible_assets.tokenizing import Renderer, problem_row
-from resources.artifact_store import ArtifactRef
-from resources.local_torch import LocalTorchBackend
-from resources.training_backend import SampledSequence
+from resources.store.artifact_store import ArtifactRef
+from resources.backends.local.backend import LocalTorchBackend
+from resources.backends.types import SampledSequence
 
 
 @pytest.fixture(scope="module")

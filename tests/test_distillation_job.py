@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 from dagster import AssetKey, DagsterInstance
 
 from conftest import TINY_RUN_CONFIG, run_job
-from resources.artifact_store import ArtifactStore
-from resources.registry import ModelRegistry
+from resources.store.artifact_store import ArtifactStore
+from resources.store.registry import ModelRegistry
 
 STAGES = ["teacher", "base_model", "dataset", "tokenized", "teacher_samples", "checkpoint", "eval_report", "registered_model"]
 SELECTION = [AssetKey(["base", "tokenizer"]), AssetKey(["base", "tiny_llama_small"])] + [AssetKey(["distillation", s]) for s in STAGES]

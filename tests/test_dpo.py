@@ -16,11 +16,11 @@ import torch
 
 from crucible_assets.checks import _row, validate
 from crucible_assets.preference import DpoConfig, dpo_loss, reward_metrics, train_dpo
-from crucible_assets.synthetic import arithmetic_pairs
+from resources.datasets.synthetic import arithmetic_pairs
 from crucible_assets.tokenizing import Renderer, pair_row
-from resources.dataset_sources import DatasetConfig, DatasetError, load_records
-from resources.local_torch import LocalTorchBackend
-from resources.preference_sources import validate_pair
+from resources.datasets.sources import DatasetConfig, DatasetError, load_records
+from resources.backends.local.backend import LocalTorchBackend
+from resources.datasets.pairs import validate_pair
 
 # a fixed batch of summed completion log-probs (policy and reference, chosen and rejected)
 PC = np.array([-12.5, -3.25, -40.0, -7.0, -0.5])

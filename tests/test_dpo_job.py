@@ -9,9 +9,9 @@ import json
 import pytest
 
 from conftest import TINY_RUN_CONFIG, run_job
-from crucible_assets.synthetic import arithmetic_pairs
-from resources.artifact_store import ArtifactStore
-from resources.registry import ModelRegistry
+from resources.datasets.synthetic import arithmetic_pairs
+from resources.store.artifact_store import ArtifactStore
+from resources.store.registry import ModelRegistry
 from test_sl_basic_job import cached_flags, data_versions
 
 TRL_NAMES = {"dpo_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",

@@ -11,10 +11,10 @@ from conftest import run_job, tree_digest
 from crucible_assets.feedback import load_feedback, rating_drop, sft_examples, validate_feedback
 from crucible_jobs import defs
 from crucible_jobs.sensors import FeedbackTriggers, feedback_sensor
-from resources.artifact_store import ArtifactStore
-from resources.dataset_sources import DatasetConfig, DatasetError, load_records, validate_record
-from resources.preference_sources import validate_pair
-from resources.registry import ModelRegistry
+from resources.store.artifact_store import ArtifactStore
+from resources.datasets.sources import DatasetConfig, DatasetError, load_records, validate_record
+from resources.datasets.pairs import validate_pair
+from resources.store.registry import ModelRegistry
 
 PROMPT = [{"role": "user", "content": "What is 2 + 3?"}]
 

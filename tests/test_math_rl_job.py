@@ -5,8 +5,8 @@ re-run."""
 import json
 
 from conftest import TINY_RUN_CONFIG, run_job
-from resources.artifact_store import ArtifactStore
-from resources.registry import ModelRegistry
+from resources.store.artifact_store import ArtifactStore
+from resources.store.registry import ModelRegistry
 from test_sl_basic_job import cached_flags, data_versions
 
 

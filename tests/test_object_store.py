@@ -11,7 +11,7 @@ import s3fs
 from conftest import run_job
 from crucible_jobs.cli import main as crucible
 from local_services import s3_url  # noqa: F401  (fixture)
-from resources.artifact_store import ArtifactStore
+from resources.store.artifact_store import ArtifactStore
 from test_data_parallel import UP_TO_CHECKPOINT, checkpoint_config
 from test_sl_basic_job import cached_flags, data_versions
 

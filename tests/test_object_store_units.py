@@ -5,8 +5,8 @@ corruption in the remote copy."""
 import fsspec
 import pytest
 
-from resources.artifact_store import ArtifactStore, IntegrityError
-from resources.object_store import RemoteTree
+from resources.store.artifact_store import ArtifactStore, IntegrityError
+from resources.store.object_store import RemoteTree
 
 URL = "memory://bucket/store"
 

@@ -10,7 +10,7 @@ from dagster import AssetKey, DagsterInstance
 
 from conftest import TINY_RUN_CONFIG, run_job
 from local_services import postgres  # noqa: F401  (fixture)
-from resources.artifact_store import ArtifactStore
+from resources.store.artifact_store import ArtifactStore
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 

@@ -7,7 +7,7 @@ from dagster import TableMetadataValue
 from crucible_assets import plots
 from crucible_assets.progress import ProgressLog, bar
 from crucible_assets.ui_metadata import to_metadata
-from resources.artifact_store import ArtifactRef
+from resources.store.artifact_store import ArtifactRef
 
 REPORT = {"test/nll": 1.5, "test/nll_ci": (1.4, 1.6), "start/test/nll": 2.0, "start/test/nll_ci": (1.9, 2.1),
           "test/nll_delta": -0.5, "test/nll_delta_ci": (-0.6, -0.4),

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import TINY_RUN_CONFIG, env_with, run_job
 from crucible_jobs.cli import main as crucible
-from resources.artifact_store import ArtifactStore
-from resources.registry import ModelRegistry
+from resources.store.artifact_store import ArtifactStore
+from resources.store.registry import ModelRegistry
 
 GATE = {"metric": "test/nll", "lower_is_better": True, "margin": 0.05}
 
@@ -150,7 +150,7 @@ def test_second_training_becomes_champion_only_by_the_margin(homes, capsys):
 
 
 def test_compare_ci_widens_with_both_models_uncertainty():
-    from crucible_jobs.cli import difference_ci
+    from resources.store.compare import difference_ci
 
     assert difference_ci(0.1, None, [0.0, 1.0]) is None
     lo, hi = difference_ci(-0.2, [0.9, 1.1], [0.7, 0.9])  # each CI half-width 0.1 -> se 0.1/1.96

@@ -21,9 +21,9 @@ import pytest
 from dagster import AssetKey
 
 from conftest import TINY_RUN_CONFIG, config_for, tree_digest
-from resources.artifact_store import ArtifactRef, ArtifactStore, IntegrityError, atomic_write_text
-from resources.dataset_sources import DatasetError, load_records
-from resources.registry import ModelRegistry
+from resources.store.artifact_store import ArtifactRef, ArtifactStore, IntegrityError, atomic_write_text
+from resources.datasets.sources import DatasetError, load_records
+from resources.store.registry import ModelRegistry
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 SECRETS = {"TINKER_API_KEY": "tml-SECRET-" + uuid.uuid4().hex, "HF_TOKEN": "hf_SECRET" + uuid.uuid4().hex}
@@ -32,9 +32,9 @@ SECRETS = {"TINKER_API_KEY": "tml-SECRET-" + uuid.uuid4().hex, "HF_TOKEN": "hf_S
 def recipe_loader(recipe: str):
     """The recipe's own dataset config class and record validator, as its job uses them."""
     import recipes.chat_sl, recipes.distillation, recipes.dpo, recipes.math_rl, recipes.sl_basic  # noqa: E401
-    from resources.dataset_sources import validate_record
-    from resources.preference_sources import validate_pair
-    from resources.problem_sources import validate_problem
+    from resources.datasets.sources import validate_record
+    from resources.datasets.pairs import validate_pair
+    from resources.datasets.problems import validate_problem
 
     return {
         "sl_basic": (recipes.sl_basic.SlBasicDataset, validate_record),
@@ -364,7 +364,7 @@ def test_secrets_never_reach_logs_metadata_or_manifests(populated):
 
 def test_remote_code_is_not_run_unless_asked(populated, tmp_path):
     from resources.hf_io import load_model
-    from resources.local_torch import LocalTorchBackend
+    from resources.backends.local.backend import LocalTorchBackend
 
     crucible, _ = populated
     model = tmp_path / "model"
@@ -415,7 +415,7 @@ def test_pickle_weights_are_refused_by_the_loader(tmp_path):
 CONCURRENT = """
 import sys, time
 from pathlib import Path
-from resources.artifact_store import ArtifactStore
+from resources.store.artifact_store import ArtifactStore
 root, go = sys.argv[1], Path(sys.argv[2])
 def build(out):
     (out / "weights.bin").write_bytes(bytes(range(256)) * 4096)
@@ -451,7 +451,7 @@ def test_two_processes_materializing_the_same_asset_yield_one_artifact(tmp_path)
 TRAIN_SAME = """
 import sys, time
 from pathlib import Path
-from resources.artifact_store import ArtifactStore
+from resources.store.artifact_store import ArtifactStore
 root, go, me = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 def build(out, work):
     save = work / "step_0000002"
@@ -494,7 +494,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_save(populate
 
     from crucible_assets.supervised import train_supervised
     from crucible_assets.training import TrainConfig
-    from resources.local_torch import LocalTorchBackend
+    from resources.backends.local.backend import LocalTorchBackend
 
     crucible, _ = populated
     store = ArtifactStore(root=str(tmp_path / "store"))
@@ -562,7 +562,7 @@ def test_full_filesystem_during_a_training_save_keeps_the_last_good_save(populat
 
     from crucible_assets.supervised import train_supervised
     from crucible_assets.training import TrainConfig
-    from resources.local_torch import LocalTorchBackend
+    from resources.backends.local.backend import LocalTorchBackend
 
     crucible, _ = populated
     source = ArtifactStore(root=str(crucible / "store"))

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from crucible_assets.math_grading import grade, last_boxed, math_equal
+from resources.datasets.graders import grade, last_boxed, math_equal
 from crucible_assets.rl import RlConfig, group_advantages, rl_datum, train_rl
-from crucible_assets.synthetic import arithmetic_problems
+from resources.datasets.synthetic import arithmetic_problems
 from crucible_assets.tokenizing import Renderer, problem_row
-from resources.dataset_sources import DatasetConfig, DatasetError, load_records
-from resources.local_torch import LocalTorchBackend
-from resources.losses import ppo
-from resources.problem_sources import validate_problem
-from resources.training_backend import SampledSequence, SamplingParams
+from resources.datasets.sources import DatasetConfig, DatasetError, load_records
+from resources.backends.local.backend import LocalTorchBackend
+from resources.backends.local.losses import ppo
+from resources.datasets.problems import validate_problem
+from resources.backends.types import SampledSequence, SamplingParams
 
 
 def test_group_advantages_hand_made():

@@ -15,8 +15,8 @@ import yaml
 
 from conftest import TINY_RUN_CONFIG, config_for, env_with, heavy_imports_after, run_job, tree_digest
 from crucible_jobs.cli import main as crucible
-from resources.artifact_store import ArtifactStore
-from resources.registry import ModelRegistry
+from resources.store.artifact_store import ArtifactStore
+from resources.store.registry import ModelRegistry
 
 
 def data_versions(result) -> dict[str, str]:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_RUN_CONFIG, run_job
-from resources.artifact_store import ArtifactStore
-from resources.registry import ModelRegistry
-from resources.tinker_backend import API_KEY_ENV, POINTER_FILE
+from resources.store.artifact_store import ArtifactStore
+from resources.store.registry import ModelRegistry
+from resources.backends.tinker.backend import API_KEY_ENV, POINTER_FILE
 from test_distillation_job import run_distillation
 from tinker_standin import TinkerStandIn
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from resources.artifact_store import ArtifactRef
+from resources.store.artifact_store import ArtifactRef
 from resources.tracking import TrackingResource
 
 

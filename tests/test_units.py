@@ -18,11 +18,11 @@ from crucible_assets.evaluation import answer_matches, bootstrap_ci
 from crucible_assets.rendering import render
 from crucible_assets.schedules import learning_rate
 from crucible_assets.training import batch_indices
-from resources.artifact_store import ArtifactStore, IntegrityError, fingerprint
-from resources.dataset_sources import DatasetConfig, DatasetError, load_records
-from resources.local_torch import LocalTorchBackend
-from resources.losses import cross_entropy, importance_sampling, ppo
-from resources.training_backend import AdamParams, Datum
+from resources.store.artifact_store import ArtifactStore, IntegrityError, fingerprint
+from resources.datasets.sources import DatasetConfig, DatasetError, load_records
+from resources.backends.local.backend import LocalTorchBackend
+from resources.backends.local.losses import cross_entropy, importance_sampling, ppo
+from resources.backends.types import AdamParams, Datum
 
 
 # ---------------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ import numpy as np
 import tinker
 from tinker import types
 
-from resources.local_torch_client import LocalTrainingClient
-from resources.training_backend import AdamParams, Datum, SamplingParams
+from resources.backends.local.client import LocalTrainingClient
+from resources.backends.types import AdamParams, Datum, SamplingParams
 
 HANG = "hang"  # a fault: the request never completes
 LOSS_INPUTS = {  # what the service accepts per built-in loss: required, optional

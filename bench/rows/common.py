@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 
 from resources.hf_io import load_model
-from resources.local_torch import LocalTorchBackend
-from resources.local_torch_client import LocalTrainingClient
+from resources.backends.local.backend import LocalTorchBackend
+from resources.backends.local.client import LocalTrainingClient
 
 # TRL's defaults stay as they are (bf16 autocast, gradient checkpointing): the tuned line
 # turns off exactly those two, the fairest fp32 setting for this CPU

@@ -11,7 +11,7 @@ from pathlib import Path
 from bench.result import Row
 from bench.rows.common import TRL_TUNED, hf_model, our_client, our_train_config, trl_args, train_quietly
 from bench.timing import interleaved, medians, timed
-from crucible_assets.math_grading import grade
+from resources.datasets.graders import grade
 from crucible_assets.rl import RlConfig, train_rl
 
 FORMAT_COEF = RlConfig().format_coef

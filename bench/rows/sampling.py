@@ -9,7 +9,7 @@ import torch
 from bench.result import Row
 from bench.rows.common import hf_model, our_client
 from bench.timing import interleaved, medians, timed
-from resources.training_backend import SamplingParams
+from resources.backends.types import SamplingParams
 
 
 def run(w, plan) -> list[Row]:

@@ -1,6 +1,6 @@
 """Crucible's code location for Kubernetes: the same assets, resources and jobs, with every
 step in its own pod (dagster-k8s's k8s_job_executor). Training steps request GPUs through
-their `dagster-k8s/config` tag (crucible_assets/placement.py) and queue in the `gpu` pool.
+their `dagster-k8s/config` tag (crucible_assets/train/placement.py) and queue in the `gpu` pool.
 
     pip install -e '.[k8s]'
     dagster code-server start -m deploy.k8s.definitions   # or point the Helm chart's

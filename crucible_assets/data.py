@@ -1,0 +1,72 @@
+"""A recipe's data stages: `<recipe>/dataset` (records from the configured source, validated
+and split) and `<recipe>/tokenized` (Parquet shards of token ids and loss weights). What a
+record is follows from the recipe's data kind, one word for validation, checks and schema."""
+
+import hashlib
+from typing import Annotated, Literal
+
+from dagster import AssetExecutionContext, AssetIn, Config, Output, asset
+from pydantic import Field
+
+from crucible_assets.caching import cached_artifact, key
+from crucible_assets.rendering import RendererName, TrainOn
+from crucible_assets.tokenizing import tokenize_splits
+from resources.datasets.pairs import validate_pair
+from resources.datasets.problems import validate_problem
+from resources.datasets.sources import DatasetConfig, load_records, split_records, validate_record
+from resources.hf_io import load_tokenizer
+from resources.store.artifact_store import ArtifactRef, ArtifactStore
+from resources.store.jsonl import to_jsonl
+
+# conversations (chats or plain documents), pairs (chosen/rejected chats), problems (question + answer)
+DataKind = Literal["conversations", "pairs", "problems"]
+VALIDATORS = {"conversations": validate_record, "pairs": validate_pair, "problems": validate_problem}
+
+
+MaxLength = Annotated[int, Field(ge=2)]  # a sequence the model can learn from: one input, one target
+
+
+class TokenizeConfig(Config):
+    max_length: MaxLength = Field(default=512, description="tokens per sequence; longer ones are truncated")
+    train_on_what: TrainOn = "all_assistant_messages"
+    renderer: RendererName = Field(default="chat_template", description="chat_template (the model's own) | role_colon (models without one)")
+
+
+def dataset_asset(recipe: str, config_cls: type[DatasetConfig], kind: DataKind):
+    @asset(key=key(recipe, "dataset"), group_name=recipe, code_version="1", kinds={"json", "great_expectations"},
+           description="The training records, read from the configured source (a generated task, a local JSONL/Parquet "
+                       "file or a hub dataset), validated, split into train and held-out test. Great Expectations "
+                       "checks block the rest of the recipe when the data are malformed.")
+    def _dataset(context: AssetExecutionContext, config: config_cls, store: ArtifactStore) -> Output[ArtifactRef]:
+        records = load_records(config, VALIDATORS[kind])  # raises on bad input before anything is written
+        train, test = split_records(records, config.test_fraction, config.seed)
+        body = {"train": to_jsonl(train), "test": to_jsonl(test)}
+
+        def build(out, _work):
+            for split, text in body.items():
+                (out / f"{split}.jsonl").write_text(text)
+            return {"rows": len(records), "train_rows": len(train), "test_rows": len(test)}
+
+        records_hash = hashlib.sha256((body["train"] + body["test"]).encode()).hexdigest()
+        return cached_artifact(context, store, config=config.model_dump(), upstream={},
+                               build=build, extra_inputs={"records_hash": records_hash})
+
+    return _dataset
+
+
+def tokenized_asset(recipe: str, config_cls: type[TokenizeConfig], kind: DataKind):
+    @asset(key=key(recipe, "tokenized"), group_name=recipe, code_version="2", kinds={"parquet"},
+           ins={"dataset": AssetIn(key=key(recipe, "dataset")), "base_model": AssetIn(key=key(recipe, "base_model"))},
+           description="The dataset turned into training input: each example rendered with the model's chat template, "
+                       "tokenized, and given a loss weight per token (1 on what the model should learn to say). "
+                       "Parquet shards, one per split.")
+    def _tokenized(context: AssetExecutionContext, config: config_cls, store: ArtifactStore,
+                   dataset: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
+        def build(out, _work):
+            tok = load_tokenizer(base_model.dir)
+            return tokenize_splits(dataset.dir, out, tok, kind, config.max_length, config.train_on_what, config.renderer)
+
+        return cached_artifact(context, store, config=config.model_dump(),
+                               upstream={"dataset": dataset, "base_model": base_model}, build=build)
+
+    return _tokenized

@@ -1,0 +1,59 @@
+"""`<recipe>/eval_report`: the trained checkpoint against the starting model on the held-out
+split, by the algorithm's `evaluate`; report.json, report.md and a start-vs-trained plot of
+the algorithm's headline metric with its CIs (plus the training curve where it says so)."""
+
+import json
+from pathlib import Path
+
+from dagster import AssetExecutionContext, AssetIn, Output, asset
+
+from crucible_assets import evaluation, plots
+from crucible_assets.caching import cached_artifact, key
+from crucible_assets.evaluation import EvalConfig
+from crucible_assets.tokenizing import read_rows, read_stop
+from crucible_assets.train.algorithm import Algorithm, EvalRun
+from resources.backends.resource import TrainingBackendResource
+from resources.store.artifact_store import ArtifactRef, ArtifactStore
+from resources.store.jsonl import read_jsonl
+
+
+def write_report(out: Path, report: dict, metric: str, ylabel: str) -> dict:
+    (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
+    (out / "report.md").write_text(evaluation.markdown(report))
+    plots.comparison(["start", "trained"], [report[f"start/{metric}"], report[metric]],
+                     [report[f"start/{metric}_ci"], report[f"{metric}_ci"]], ylabel, out / "comparison.png")
+    return {k: v for k, v in report.items() if k != "samples"} | {"plots": ["comparison.png"]}
+
+
+def eval_report_asset(recipe: str, algorithm: Algorithm, config_cls: type[EvalConfig]):
+    @asset(key=key(recipe, "eval_report"), group_name=recipe, code_version=algorithm.eval_version, kinds={"json"},
+           ins={"checkpoint": AssetIn(key=key(recipe, "checkpoint")), "tokenized": AssetIn(key=key(recipe, "tokenized")),
+                "base_model": AssetIn(key=key(recipe, "base_model"))},
+           description=algorithm.eval_description)
+    def _eval_report(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
+                     checkpoint: ArtifactRef, tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
+        trained_with = store.manifest(checkpoint.fingerprint)
+        upstream = {u["key"]: store.lookup(u["fingerprint"]) for u in trained_with["upstream"]}
+        for name in algorithm.eval_models:
+            store.open_verified(upstream[f"{recipe}/{name}"])
+
+        def build(out, _work):
+            start = backend.create_training_client(base_model.dir, 0, config.seed)
+            trained = backend.create_training_client(checkpoint.dir / "model", 0, config.seed)
+            models = {name: backend.create_training_client(upstream[f"{recipe}/{name}"].dir, 0, config.seed)
+                      for name in algorithm.eval_models}
+            train_config = algorithm.train_config(**trained_with["config"])
+            report = algorithm.evaluate(EvalRun(start, trained, read_rows(tokenized, "test"), config, train_config,
+                                                read_stop(tokenized), models))
+            summary = write_report(out, report, *algorithm.report_metric)
+            if algorithm.plot_training_curve:
+                plots.loss_curve(read_jsonl(checkpoint.dir / "metrics.jsonl"), out / "training_curve.png",
+                                 algorithm.loss_key, algorithm.eval_key)
+                summary["plots"].append("training_curve.png")
+            return summary
+
+        return cached_artifact(context, store, config=config.model_dump(),
+                               upstream={"checkpoint": checkpoint, "tokenized": tokenized, "base_model": base_model},
+                               build=build, backend=backend.identity())
+
+    return _eval_report

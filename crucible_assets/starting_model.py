@@ -1,0 +1,68 @@
+"""`<recipe>/base_model` (and any other model snapshot a recipe reads, like distillation's
+teacher): the model a recipe starts from, copied into the artifact store so the lineage
+reaches its exact bytes. By default another recipe's registered model or a `base/` model;
+a run may name any local HF dir or hub id instead."""
+
+import shutil
+from pathlib import Path
+
+from dagster import AssetExecutionContext, AssetKey, Config, Output, asset
+from pydantic import Field
+
+from crucible_assets.caching import cached_artifact, key
+from resources.hf_io import check_safetensors
+from resources.store.artifact_store import ArtifactRef, ArtifactStore, hash_tree
+from resources.store.registry import ModelRegistry
+
+EMBEDDED = "embedded"
+
+
+class BaseModelConfig(Config):
+    base_model: str = Field(default=EMBEDDED, description="'embedded' (the recipe's default start: base/tiny_llama or the "
+                                                          "registered model of the recipe it builds on), a local HF model dir, or an HF hub id")
+    revision: str = Field(default="", description="hub models: revision to pin")
+
+
+def starting_model_asset(recipe: str, start_from: str | None = None, stage: str = "base_model", base: str = "tiny_llama"):
+    """`start_from` names the recipe whose registered model is the embedded default start;
+    without it the chain starts from base/`base`. `stage` names the snapshot. The default
+    start is a dependency, not an input, so a run given another model (a local dir, a hub
+    id) with that upstream left out of its selection never reads it."""
+    start_key = key(start_from, "registered_model") if start_from else AssetKey(["base", base])
+
+    @asset(key=key(recipe, stage), group_name=recipe, code_version="2", kinds={"huggingface"}, deps=[start_key],
+           description=f"The model this recipe starts from (default: {start_key.to_user_string()}; or any local HF "
+                       "model dir or hub id), copied into the artifact store so the lineage reaches its exact bytes.")
+    def _starting_model(context: AssetExecutionContext, config: BaseModelConfig, store: ArtifactStore,
+                        registry: ModelRegistry) -> Output[ArtifactRef]:
+        if config.base_model == EMBEDDED:
+            start = store.latest(start_key.to_user_string())
+            source = store.open_verified(start)
+            source_hash = start.content_hash  # verified just now: hash_tree(source) would give the same
+        else:
+            if Path(config.base_model).is_dir():
+                source = Path(config.base_model)
+                check_safetensors(source)  # refuse a pickle checkpoint before it is snapshotted
+            else:
+                from huggingface_hub import snapshot_download
+
+                source = Path(snapshot_download(config.base_model, revision=config.revision or None,
+                                                allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+            source_hash, _ = hash_tree(source)
+        origin = {"source": config.base_model}
+        if config.base_model == EMBEDDED:
+            origin["source"] = start.key
+            entry = registry.find(start_from, start.fingerprint) if start_from else None
+            if entry:
+                origin["registered_model"] = f"{start_from}:{entry['version']}"
+
+        def build(out, _work):
+            shutil.rmtree(out)
+            shutil.copytree(source, out)
+            return origin
+
+        upstream = {"start": start} if config.base_model == EMBEDDED else {}
+        return cached_artifact(context, store, config=config.model_dump(), upstream=upstream,
+                               build=build, extra_inputs={"source_hash": source_hash})
+
+    return _starting_model

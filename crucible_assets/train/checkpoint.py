@@ -1,0 +1,60 @@
+"""`<recipe>/checkpoint`, the one factory for every algorithm: check the config, make the
+training client from the starting model, run the algorithm's `train`, save sampler weights,
+resumable state, metrics and curves, cache by fingerprint, hand the result to the tracking
+sinks. With `nproc_per_node > 1` (algorithms that allow it) the same `train` runs in
+torchrun's processes instead (train/torchrun.py)."""
+
+from pathlib import Path
+
+from dagster import AssetExecutionContext, AssetIn, Output, asset
+
+from crucible_assets import plots
+from crucible_assets.caching import cached_artifact, key
+from crucible_assets.train.algorithm import Algorithm, TrainingRun
+from crucible_assets.train.loop import TrainConfig
+from crucible_assets.train.placement import TRAINING_STEP
+from crucible_assets.train.torchrun import launch_torchrun
+from resources.backends.resource import TrainingBackendResource
+from resources.store.artifact_store import ArtifactRef, ArtifactStore
+from resources.store.jsonl import to_jsonl
+from resources.tracking import TrackingResource
+
+
+def save_checkpoint(client, out: Path, rows: list[dict], telemetry: dict, loss_key: str, eval_key: str) -> dict:
+    """Sampler weights (HF dir), resumable state, per-step metrics, the loss curve and, when
+    the rows carry them, reward and KL curves."""
+    client.save_weights_for_sampler(out / "model")
+    client.save_state(out / "state")
+    (out / "metrics.jsonl").write_text(to_jsonl(rows))
+    plots.loss_curve(rows, out / "loss_curve.png", loss_key, eval_key)
+    extra = plots.extra_curves(rows, out)
+    final_eval = {k: v for k, v in [r for r in rows if eval_key in r][-1].items() if k.startswith("test/")}
+    return {"steps": len(rows), loss_key: rows[-1][loss_key], **final_eval,
+            "train_tokens": sum(r["num_tokens"] for r in rows), **telemetry, "plots": ["loss_curve.png", *extra]}
+
+
+def checkpoint_asset(recipe: str, algorithm: Algorithm, config_cls: type[TrainConfig]):
+    stages = ("tokenized", "base_model", *algorithm.inputs)  # this order is the manifest's upstream order
+
+    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version=algorithm.checkpoint_version,
+           kinds={"pytorch", "huggingface"}, **TRAINING_STEP, ins={s: AssetIn(key=key(recipe, s)) for s in stages},
+           description=algorithm.checkpoint_description)
+    def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
+                    tracking: TrackingResource, **inputs: ArtifactRef) -> Output[ArtifactRef]:
+        config.check(context.asset_key.to_user_string())
+        upstream = {s: inputs[s] for s in stages}
+
+        def build(out: Path, work: Path) -> dict:
+            if algorithm.data_parallel and config.nproc_per_node > 1:
+                return launch_torchrun(context, backend, algorithm, config, upstream, out, work)
+            client = backend.create_training_client(upstream["base_model"].dir, config.lora_rank, config.seed)
+            rows, telemetry = algorithm.train(TrainingRun(client, config, upstream, backend, work, context.log.info))
+            return save_checkpoint(client, out, rows, telemetry, algorithm.loss_key, algorithm.eval_key)
+
+        output = cached_artifact(context, store, config=config.model_dump(), upstream=upstream,
+                                 build=build, backend=backend.identity())
+        # the enabled tracking sinks (MLflow, TensorBoard) get the checkpoint, trained now or cached
+        tracking.record_checkpoint(output.value, store.manifest(output.value.fingerprint), context.log.info)
+        return output
+
+    return _checkpoint

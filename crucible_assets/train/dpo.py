@@ -1,0 +1,223 @@
+"""DPO, read top to bottom: config, the loss, the frozen reference's log-probs (an asset of
+their own, computed once per starting model and data), the update step on the shared loop,
+the held-out evaluation, the algorithm.
+
+A completion's log-prob is the sum over its loss-weighted tokens (the last assistant
+message and its end-of-turn token; prompt and padding masked). IPO uses the per-token
+average instead, for policy and reference alike, as TRL does.
+"""
+
+from pathlib import Path
+from typing import Annotated, Callable, Literal, get_args
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from dagster import AssetExecutionContext, AssetIn, Output, asset
+from pydantic import Field, NonNegativeFloat
+
+from crucible_assets.caching import cached_artifact, key
+from crucible_assets.evaluation import EvalConfig, nll_per_example, paired_report, sampled_accuracy
+from crucible_assets.tokenizing import read_rows
+from crucible_assets.train.algorithm import Algorithm, EvalRun, TrainingRun
+from crucible_assets.train.loop import PositiveFinite, TrainConfig, layout_metrics, train
+from resources.backends.resource import TrainingBackendResource
+from resources.backends.types import Datum, TrainingClient
+from resources.store.artifact_store import ArtifactRef, ArtifactStore
+
+LossType = Literal["sigmoid", "ipo", "hinge"]
+REF_COLUMNS = ("chosen_logps", "chosen_tokens", "rejected_logps", "rejected_tokens")
+
+
+class DpoConfig(TrainConfig):
+    beta: PositiveFinite = Field(default=0.1, description="strength of the implicit KL to the reference")
+    loss_type: LossType = "sigmoid"
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = Field(default=0.0, description="sigmoid only: assumed label noise (conservative DPO)")
+    sft_weight: NonNegativeFloat = Field(default=0.0, description="weight of an added NLL term on the chosen completion (TRL's rpo_alpha)")
+
+
+def dpo_loss(policy_chosen_P, policy_rejected_P, ref_chosen_P, ref_rejected_P, beta: float, loss_type: str,
+             label_smoothing: float = 0.0):
+    """Per-pair losses and implicit rewards beta * (policy - reference) of each side, on the
+    logits z = (pi_c - pi_r) - (ref_c - ref_r) of summed completion log-probs:
+
+        sigmoid  -log sigmoid(beta z) (1 - eps) - log sigmoid(-beta z) eps   (Rafailov et al. 2023, DPO;
+                                                                             eps: label smoothing, cDPO)
+        ipo      (z - 1 / (2 beta))^2   on per-token mean log-probs         (Azar et al. 2023, IPO)
+        hinge    max(0, 1 - beta z)                                         (SLiC, Zhao et al. 2023)
+    """
+    import torch
+    import torch.nn.functional as F
+
+    logits_P = (policy_chosen_P - policy_rejected_P) - (ref_chosen_P - ref_rejected_P)
+    if loss_type == "sigmoid":
+        losses_P = -F.logsigmoid(beta * logits_P) * (1 - label_smoothing) - F.logsigmoid(-beta * logits_P) * label_smoothing
+    elif loss_type == "hinge":
+        losses_P = torch.relu(1 - beta * logits_P)
+    elif loss_type == "ipo":
+        losses_P = (logits_P - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {get_args(LossType)}")
+    chosen_rewards_P = beta * (policy_chosen_P - ref_chosen_P).detach()
+    rejected_rewards_P = beta * (policy_rejected_P - ref_rejected_P).detach()
+    return losses_P, chosen_rewards_P, rejected_rewards_P
+
+
+def reward_metrics(losses_P, chosen_rewards_P, rejected_rewards_P, policy_chosen_P, policy_rejected_P, prefix: str = "") -> dict:
+    """TRL's names: dpo_loss, rewards/{chosen,rejected,margins,accuracies}, logps/{chosen,rejected}."""
+    return {
+        f"{prefix}dpo_loss": losses_P.mean().item(),
+        f"{prefix}rewards/chosen": chosen_rewards_P.mean().item(),
+        f"{prefix}rewards/rejected": rejected_rewards_P.mean().item(),
+        f"{prefix}rewards/margins": (chosen_rewards_P - rejected_rewards_P).mean().item(),
+        f"{prefix}rewards/accuracies": (chosen_rewards_P > rejected_rewards_P).float().mean().item(),
+        f"{prefix}logps/chosen": policy_chosen_P.detach().mean().item(),
+        f"{prefix}logps/rejected": policy_rejected_P.detach().mean().item(),
+    }
+
+
+def completion_logps(client: TrainingClient, rows: list[dict]) -> dict[str, np.ndarray]:
+    """Summed completion log-probs and completion token counts of both sides of each pair."""
+    out = {}
+    for side in ("chosen", "rejected"):
+        nll, count = nll_per_example(client, [(r[f"{side}_tokens"], r[f"{side}_weights"]) for r in rows])
+        out[f"{side}_logps"], out[f"{side}_tokens"] = -nll, count
+    return out
+
+
+def _scores(logps: dict, ipo: bool) -> tuple[np.ndarray, np.ndarray]:
+    if ipo:
+        return logps["chosen_logps"] / logps["chosen_tokens"], logps["rejected_logps"] / logps["rejected_tokens"]
+    return logps["chosen_logps"], logps["rejected_logps"]
+
+
+def read_reference(reference: ArtifactRef, split: str) -> dict:
+    table = pq.read_table(reference.dir / f"{split}.parquet")
+    return {c: table.column(c).to_numpy() for c in REF_COLUMNS}
+
+
+def reference_logprobs_asset(recipe: str):
+    @asset(key=key(recipe, "reference_logprobs"), group_name=recipe, code_version="1", kinds={"parquet"},
+           ins={"tokenized": AssetIn(key=key(recipe, "tokenized")), "base_model": AssetIn(key=key(recipe, "base_model"))},
+           description="The frozen starting policy's summed completion log-probs for every pair, computed once per "
+                       "starting model and tokenized data; training reads them instead of a second model.")
+    def _reference(context: AssetExecutionContext, store: ArtifactStore, backend: TrainingBackendResource,
+                   tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
+        def build(out, _work):
+            client = backend.create_training_client(base_model.dir, 0, 0)
+            summary = {}
+            for split in ("train", "test"):
+                logps = completion_logps(client, read_rows(tokenized, split))
+                pq.write_table(pa.table({c: pa.array(logps[c], pa.float64()) for c in REF_COLUMNS}), out / f"{split}.parquet")
+                summary[f"{split}_pairs"] = len(logps["chosen_logps"])
+                summary[f"{split}/ref_logps/chosen"] = float(logps["chosen_logps"].mean())
+                summary[f"{split}/ref_logps/rejected"] = float(logps["rejected_logps"].mean())
+            return summary
+
+        return cached_artifact(context, store, config={}, upstream={"tokenized": tokenized, "base_model": base_model},
+                               build=build, backend=backend.identity())
+
+    return _reference
+
+
+def train_dpo(
+    client: TrainingClient,
+    train_rows: list[dict],
+    train_ref: dict[str, np.ndarray],
+    test_rows: list[dict],
+    test_ref: dict[str, np.ndarray],
+    cfg: DpoConfig,
+    work_dir: Path,
+    log: Callable[[str], None] = print,
+) -> tuple[list[dict], dict]:
+    import torch
+
+    ipo = cfg.loss_type == "ipo"
+    ref_chosen_N, ref_rejected_N = (torch.tensor(x) for x in _scores(train_ref, ipo))
+
+    def step(_step: int, indices: list[int]) -> dict:
+        batch = [train_rows[i] for i in indices]
+        P = len(batch)
+        sequences = [(r[f"{side}_tokens"], r[f"{side}_weights"]) for side in ("chosen", "rejected") for r in batch]
+        data = [Datum.from_sequence(t, w) for t, w in sequences]
+        weights = [torch.tensor(d.loss_fn_inputs["weights"]) for d in data]
+
+        def loss_fn(_data, logprobs):
+            dev = logprobs[0].device
+            sums_2P = torch.stack([(lp.double() * w.to(dev)).sum() for lp, w in zip(logprobs, weights)])
+            counts_2P = torch.tensor([w.sum().item() for w in weights], dtype=torch.float64, device=dev)
+            scores_2P = sums_2P / counts_2P if ipo else sums_2P
+            losses_P, chosen_r, rejected_r = dpo_loss(scores_2P[:P], scores_2P[P:], ref_chosen_N[indices].to(dev),
+                                                      ref_rejected_N[indices].to(dev), cfg.beta, cfg.loss_type, cfg.label_smoothing)
+            loss = losses_P.mean()
+            metrics = reward_metrics(losses_P, chosen_r, rejected_r, scores_2P[:P], scores_2P[P:])
+            if cfg.sft_weight:
+                nll = -sums_2P[:P].sum() / counts_2P[:P].sum()
+                loss = loss + cfg.sft_weight * nll
+                metrics["sft_nll"] = nll.item()
+            return loss.float(), metrics
+
+        fb = client.forward_backward_custom(data, loss_fn)
+        return {**{k: v for k, v in fb.metrics.items() if ":" not in k}, "num_pairs": P,
+                **layout_metrics(fb.metrics, [t for t, _ in sequences])}
+
+    def evaluate() -> dict:
+        policy = completion_logps(client, test_rows)
+        return held_out_metrics(policy, test_ref, cfg, prefix="test/")
+
+    return train(client, len(train_rows), cfg, work_dir, step, evaluate, "dpo_loss", log)
+
+
+def held_out_metrics(policy: dict, ref: dict, cfg: DpoConfig, prefix: str) -> dict:
+    import torch
+
+    ipo = cfg.loss_type == "ipo"
+    (pc, pr), (rc, rr) = (tuple(torch.tensor(x) for x in _scores(d, ipo)) for d in (policy, ref))
+    return reward_metrics(*dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing), pc, pr, prefix=prefix)
+
+
+def evaluate_dpo(run: EvalRun) -> dict:
+    """Held-out pairs, with the start as the reference. `test/pref_accuracy` ranks each pair
+    by the implicit reward margin beta * ((policy - ref)_chosen - (policy - ref)_rejected),
+    a tie counting half, so the starting policy (margin 0 everywhere) scores exactly 0.5;
+    TRL's strict `rewards/accuracies` and the other reward metrics are reported as well.
+    `test/logp_ranking_accuracy` asks the plainer question, chosen log-prob above rejected,
+    for both models. Greedy answer accuracy before and after completes the report."""
+    start, trained, rows, cfg, dpo = run.start, run.trained, run.rows, run.config, run.train_config
+    policy, reference = completion_logps(trained, rows), completion_logps(start, rows)
+    n = len(rows)
+    (pc, pr), (rc, rr) = (_scores(d, dpo.loss_type == "ipo") for d in (policy, reference))
+    margins = dpo.beta * ((pc - rc) - (pr - rr))
+    per_pair = {
+        "test/pref_accuracy": ((margins > 0) + 0.5 * (margins == 0), np.full(n, 0.5)),
+        "test/rewards/margins": (margins, np.zeros(n)),
+        "test/logp_ranking_accuracy": ((policy["chosen_logps"] > policy["rejected_logps"]).astype(float),
+                                       (reference["chosen_logps"] > reference["rejected_logps"]).astype(float)),
+    }
+    report: dict = {"num_pairs": n, **held_out_metrics(policy, reference, dpo, prefix="test/"), **paired_report(per_pair, cfg)}
+    return report | sampled_accuracy(start, trained, trained.tokenizer, rows, cfg, run.stop)
+
+
+def train_run(run: TrainingRun) -> tuple[list[dict], dict]:
+    tokenized, reference = run.inputs["tokenized"], run.inputs["reference_logprobs"]
+    return train_dpo(run.client, read_rows(tokenized, "train"), read_reference(reference, "train"),
+                     read_rows(tokenized, "test"), read_reference(reference, "test"), run.config, run.work, run.log)
+
+
+ALGORITHM = Algorithm(
+    name="dpo",
+    data_kind="pairs",
+    train_config=DpoConfig,
+    eval_config=EvalConfig,
+    train=train_run,
+    evaluate=evaluate_dpo,
+    loss_key="dpo_loss",
+    eval_key="test/dpo_loss",
+    report_metric=("test/pref_accuracy", "held-out preference accuracy"),
+    inputs=("reference_logprobs",),
+    stages=(reference_logprobs_asset,),
+    checkpoint_description="DPO fine-tune of the starting model against its cached reference log-probs: HF model dir, "
+                           "resumable optimizer state, per-step metrics (TRL names) and a loss curve.",
+    eval_description="Held-out preference accuracy (chosen log-prob above rejected) and implicit-reward "
+                     "margins vs. the starting policy, and greedy answer accuracy before and after, with bootstrap CIs.",
+)

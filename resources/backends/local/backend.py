@@ -1,0 +1,91 @@
+"""LocalTorchBackend: the resource that trains in this process with PyTorch. Resolving the
+device and precision and stating the backend's identity (part of every training asset's
+fingerprint) need no torch import on a CPU-only wheel, so a run of cache hits stays free of
+it; the client (resources/backends/local/client.py) is imported when one is made."""
+
+from __future__ import annotations
+
+import functools
+from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dagster import Config, ConfigurableResource
+from pydantic import Field
+
+from resources.backends.local.cpu import cpu_has_native_bf16
+
+if TYPE_CHECKING:
+    from resources.backends.local.client import LocalTrainingClient
+
+
+class LocalTorchSettings(Config):
+    device: str = Field(default="auto", description="auto | cpu | cuda")
+    precision: str = Field(default="auto", description="auto | fp32 | bf16 (autocast, fp32 master weights)")
+    micro_batch_size: int = Field(default=0, description="split forward/backward into chunks of this many sequences; 0 = whole batch")
+    packing: bool = Field(default=True, description="pack several sequences per row (block-diagonal attention) instead of padding each")
+    pack_length: int = Field(default=0, description="row length when packing; 0 = chosen per batch by a compute estimate (1-4x the longest sequence)")
+    trust_remote_code: bool = False
+
+
+@functools.cache
+def torch_version() -> str:
+    """The installed torch's version from its wheel metadata, without importing it (for the
+    CPU wheel the same string as torch.__version__, so fingerprints did not change)."""
+    return version("torch")
+
+
+def cuda_available() -> bool:
+    """A CPU-only wheel (`+cpu`) has no CUDA: answered without importing torch (about 2 s)."""
+    if torch_version().endswith("+cpu"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class LocalTorchBackend(ConfigurableResource, LocalTorchSettings):
+    """Trains in this process with PyTorch."""
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if cuda_available() else "cpu"
+
+    def resolved_precision(self) -> str:
+        if self.precision != "auto":
+            return self.precision
+        if self.resolved_device() == "cuda":
+            import torch
+
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        # without bf16 instructions the CPU emulates bf16 matmuls: measured 10-20x slower than
+        # fp32 on an AVX2-only EPYC (bench/RESULTS.md records both peaks)
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "backend": "local_torch",
+            "device": self.resolved_device(),
+            "precision": self.resolved_precision(),
+            "torch": torch_version(),
+            "packing": self.packing,
+            "pack_length": self.pack_length,
+        }
+
+    def create_training_client(self, base_model: Path, lora_rank: int = 0, seed: int = 0,
+                               client_cls: type[LocalTrainingClient] | None = None) -> LocalTrainingClient:
+        """`client_cls`: a LocalTrainingClient subclass, e.g. one rank of data-parallel training."""
+        from resources.backends.local.client import LocalTrainingClient
+
+        return (client_cls or LocalTrainingClient)(
+            base_model,
+            lora_rank=lora_rank,
+            seed=seed,
+            device=self.resolved_device(),
+            bf16=self.resolved_precision() == "bf16",
+            micro_batch_size=self.micro_batch_size,
+            packing=self.packing,
+            pack_length=self.pack_length,
+            trust_remote_code=self.trust_remote_code,
+        )
