@@ -13,15 +13,17 @@ from pathlib import Path
 
 
 def main(root: Path, run_config: dict) -> None:
-    from crucible_assets.base_assets import TinyModelConfig, TokenizerConfig
-    from crucible_assets.base_models import build_tiny_llama, train_tokenizer
-    from crucible_assets.stages import _jsonl, evaluate_sft, save_checkpoint
-    from crucible_assets.supervised import train_supervised
-    from crucible_assets.tokenizing import tokenize_splits
-    from recipes.sl_basic import SlBasicDataset, SlBasicEval, SlBasicTokenize, SlBasicTrain
-    from resources.datasets.sources import load_records, split_records, validate_record
-    from resources.backends.local.backend import LocalTorchBackend
     import pyarrow.parquet as pq
+
+    from crucible_assets.base import TinyModelConfig, TokenizerConfig, build_tiny_llama, train_tokenizer
+    from crucible_assets.tokenizing import tokenize_splits
+    from crucible_assets.train.algorithm import EvalRun
+    from crucible_assets.train.checkpoint import save_checkpoint
+    from crucible_assets.train.sft import evaluate_sft, train_sft
+    from recipes.sl_basic import SlBasicDataset, SlBasicEval, SlBasicTokenize, SlBasicTrain
+    from resources.backends.local.backend import LocalTorchBackend
+    from resources.datasets.sources import load_records, split_records, validate_record
+    from resources.store.jsonl import to_jsonl
 
     ops = run_config.get("ops", {})
     cfg = lambda name, cls: cls(**ops.get(name, {}).get("config", {}))  # noqa: E731
@@ -36,19 +38,19 @@ def main(root: Path, run_config: dict) -> None:
     build_tiny_llama(dirs["tokenizer"], dirs["model"], model_cfg.hidden_size, model_cfg.num_layers, model_cfg.num_heads,
                      model_cfg.intermediate_size, model_cfg.max_position_embeddings, model_cfg.seed)
     train, test = split_records(load_records(data_cfg, validate_record), data_cfg.test_fraction, data_cfg.seed)
-    (dirs["dataset"] / "train.jsonl").write_text(_jsonl(train))
-    (dirs["dataset"] / "test.jsonl").write_text(_jsonl(test))
+    (dirs["dataset"] / "train.jsonl").write_text(to_jsonl(train))
+    (dirs["dataset"] / "test.jsonl").write_text(to_jsonl(test))
     backend = LocalTorchBackend()
     client = backend.create_training_client(dirs["model"], train_cfg.lora_rank, train_cfg.seed)
-    summary = tokenize_splits(dirs["dataset"], dirs["tokenized"], client.tokenizer, "sft", tokenize_cfg.max_length,
+    summary = tokenize_splits(dirs["dataset"], dirs["tokenized"], client.tokenizer, "conversations", tokenize_cfg.max_length,
                               tokenize_cfg.train_on_what, tokenize_cfg.renderer)
     rows = {split: pq.read_table(dirs["tokenized"] / f"{split}.parquet").to_pylist() for split in ("train", "test")}
     pairs = {split: [(r["tokens"], r["weights"]) for r in rs] for split, rs in rows.items()}
-    metrics, telemetry = train_supervised(client, pairs["train"], pairs["test"], train_cfg, dirs["work"], log=lambda _: None)
+    metrics, telemetry = train_sft(client, pairs["train"], pairs["test"], train_cfg, dirs["work"], log=lambda _: None)
     save_checkpoint(client, dirs["checkpoint"], metrics, telemetry, "train_mean_nll", "test/nll")
     start = backend.create_training_client(dirs["model"], 0, eval_cfg.seed)
     trained = backend.create_training_client(dirs["checkpoint"] / "model", 0, eval_cfg.seed)
-    evaluate_sft(start, trained, rows["test"], eval_cfg, {}, summary["stop"])
+    evaluate_sft(EvalRun(start, trained, rows["test"], eval_cfg, train_cfg, summary["stop"], {}))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from crucible_assets.base_models import build_tiny_llama, train_tokenizer
+from crucible_assets.base import build_tiny_llama, train_tokenizer
 from crucible_assets.rendering import stop_sequences
 from resources.datasets.synthetic import arithmetic_chats, arithmetic_conversations, arithmetic_pairs, arithmetic_problems
 from crucible_assets.tokenizing import Renderer, pair_row, problem_row, sft_row

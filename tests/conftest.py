@@ -97,7 +97,7 @@ def env_with(**extra) -> dict:
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """One tiny model on the base tokenizer, built once for every unit test that trains."""
-    from crucible_assets.base_models import build_tiny_llama, train_tokenizer
+    from crucible_assets.base import build_tiny_llama, train_tokenizer
 
     root = tmp_path_factory.mktemp("tiny")
     train_tokenizer(root / "tok", 1024, 0)

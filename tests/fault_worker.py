@@ -3,7 +3,7 @@
 Importing torch and transformers costs seconds on two busy cores, so this process imports
 once and forks a child per run; it never runs a torch op itself, so each child starts with
 a fresh thread pool. A run is the checkpoint asset's real write path: `store.write` whose
-build trains with resumable saves in the store's work dir (train_supervised) and writes the
+build trains with resumable saves in the store's work dir (train_sft) and writes the
 checkpoint (save_checkpoint), then `set_latest`. Each trial kills a run with SIGKILL, either
 after a seeded random delay or just before its k-th filesystem operation (open for writing,
 mkdir, rename, replace, fsync, rmtree, safetensors save), then checks that nothing partial
@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 import torch
 
 import resources.backends.local.client as local_torch_client
-from crucible_assets.stages import save_checkpoint
-from crucible_assets.supervised import train_supervised
-from crucible_assets.training import TrainConfig
+from crucible_assets.train.checkpoint import save_checkpoint
+from crucible_assets.train.sft import train_sft
+from crucible_assets.train.loop import TrainConfig
 from resources.store.artifact_store import ArtifactStore
 from resources.backends.local.backend import LocalTorchBackend
 
@@ -44,7 +44,7 @@ def materialize(spec: dict, root: Path) -> None:
 
     def build(out: Path) -> dict:
         client = LocalTorchBackend(device="cpu").create_training_client(Path(spec["base_model"]), 0, 0)
-        steps, telemetry = train_supervised(client, rows("train", 32), rows("test", 8), CONFIG, store.work_dir(FP), lambda _: None)
+        steps, telemetry = train_sft(client, rows("train", 32), rows("test", 8), CONFIG, store.work_dir(FP), lambda _: None)
         return {**save_checkpoint(client, out, steps, telemetry, "train_mean_nll", "test/nll"),
                 "resumed_from_step": telemetry["resumed_from_step"]}
 

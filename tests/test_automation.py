@@ -18,11 +18,11 @@ from conftest import TINY_RUN_CONFIG, config_for, env_with
 from resources.datasets.synthetic import arithmetic_conversations
 from crucible_jobs import defs
 from crucible_jobs.automation import FOLLOW_UPSTREAM
-from crucible_jobs.jobs import RECIPES
+from recipes import RECIPES
 from resources.store.artifact_store import ArtifactStore
 from resources.store.registry import ModelRegistry
 
-RECIPE_NAMES = [r.NAME for r in RECIPES]
+RECIPE_NAMES = [r.name for r in RECIPES]
 
 
 def write_automation_config(crucible_home: Path, recipe: str, config: dict) -> None:

@@ -14,7 +14,7 @@ import pytest
 import tinker
 import torch
 
-from crucible_assets.base_models import build_tiny_llama, train_tokenizer
+from crucible_assets.base import build_tiny_llama, train_tokenizer
 from resources.backends.local.backend import LocalTorchBackend
 from resources.backends.tinker.retries import BackendAuthError, BackendUnavailableError, RetryPolicy, resolve
 from resources.backends.tinker.backend import API_KEY_ENV, POINTER_FILE, TinkerBackend, classify

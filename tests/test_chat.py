@@ -13,7 +13,7 @@ import pytest
 import torch
 from tokenizers.processors import TemplateProcessing
 
-from crucible_assets.base_models import build_tiny_llama, train_tokenizer
+from crucible_assets.base import build_tiny_llama, train_tokenizer
 from crucible_assets.checks import validate
 from crucible_assets.rendering import RenderError, prompt_and_reference, render, stop_sequences
 from resources.datasets.synthetic import arithmetic_chats

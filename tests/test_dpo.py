@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from crucible_assets.checks import _row, validate
-from crucible_assets.preference import DpoConfig, dpo_loss, reward_metrics, train_dpo
+from crucible_assets.train.dpo import DpoConfig, dpo_loss, reward_metrics, train_dpo
 from resources.datasets.synthetic import arithmetic_pairs
 from crucible_assets.tokenizing import Renderer, pair_row
 from resources.datasets.sources import DatasetConfig, DatasetError, load_records

@@ -5,7 +5,7 @@ import json
 from dagster import TableMetadataValue
 
 from crucible_assets import plots
-from crucible_assets.progress import ProgressLog, bar
+from crucible_assets.train.progress import ProgressLog, bar
 from crucible_assets.ui_metadata import to_metadata
 from resources.store.artifact_store import ArtifactRef
 
@@ -62,13 +62,13 @@ def test_docs_recipes_names_every_config_field_of_every_recipe():
     from pathlib import Path
 
     from crucible_jobs import defs
-    from crucible_jobs.jobs import RECIPES
+    from recipes import RECIPES
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
     missing = set()
     for recipe in RECIPES:
-        assert f"## {recipe.NAME}" in doc
-        for node in defs.resolve_job_def(recipe.NAME).graph.nodes:
+        assert f"## {recipe.name}" in doc
+        for node in defs.resolve_job_def(recipe.name).graph.nodes:
             schema = node.definition.config_schema
             fields = schema.as_field().config_type.fields if schema and schema.as_field().config_type.kind.name == "STRICT_SHAPE" else {}
             missing |= {name for name in fields if f"`{name}`" not in doc}

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from conftest import TINY_RUN_CONFIG, run_job
-from crucible_assets.base_models import build_tiny_llama, train_tokenizer
+from crucible_assets.base import build_tiny_llama, train_tokenizer
 from resources.store.artifact_store import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[1]

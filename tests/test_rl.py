@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from resources.datasets.graders import grade, last_boxed, math_equal
-from crucible_assets.rl import RlConfig, group_advantages, rl_datum, train_rl
+from crucible_assets.train.rl import RlConfig, group_advantages, rl_datum, train_rl
 from resources.datasets.synthetic import arithmetic_problems
 from crucible_assets.tokenizing import Renderer, problem_row
 from resources.datasets.sources import DatasetConfig, DatasetError, load_records
@@ -99,11 +99,11 @@ def test_problem_loaders(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,needle", [
-    ({"group_size": 1}, "group_size must be >= 2"),
-    ({"kl_penalty_coef": 0.1}, "set kl_reference: base_model"),
-    ({"env": "chess"}, "env must be one of"),
-    ({"temperature": 0.0}, "temperature must be > 0"),
-    ({"learning_rate": -1.0}, "learning_rate must be a positive number"),
+    ({"group_size": 1}, "group_size\n  Input should be greater than or equal to 2"),
+    ({"kl_penalty_coef": 0.1}, "set kl_reference: base_model"),  # a rule across two fields
+    ({"env": "chess"}, "env\n  Input should be 'arithmetic', 'gsm8k' or 'math'"),
+    ({"temperature": 0.0}, "temperature\n  Input should be greater than 0"),
+    ({"learning_rate": -1.0}, "learning_rate\n  Input should be greater than 0"),
 ])
 def test_rl_config_errors(overrides, needle):
     with pytest.raises(ValueError, match=needle):
@@ -138,7 +138,7 @@ def test_rl_steps_are_deterministic_and_named_like_tinker_cookbook(tiny, tmp_pat
         rows = _rows(client.tokenizer, 12)
         cfg = RlConfig(max_steps=3, batch_size=4, group_size=4, max_tokens=6, eval_every=3, save_every=2,
                        eval_problems=4, kl_penalty_coef=0.05, kl_reference="base_model", loss_fn="ppo")
-        out, telemetry = train_rl(client, reference, client.tokenizer, rows, rows, cfg, ["<|im_end|>"],
+        out, telemetry = train_rl(client, reference, rows, rows, cfg, ["<|im_end|>"],
                                   tmp_path / f"run{attempt}", lambda _: None)
         runs.append(out)
     assert names <= set(runs[0][0]) and "test/accuracy" in runs[0][-1]

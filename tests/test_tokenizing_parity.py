@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from tokenizers.processors import TemplateProcessing
 
-from crucible_assets.base_models import train_tokenizer
+from crucible_assets.base import train_tokenizer
 import pyarrow.parquet as pq
 
 import crucible_assets.tokenizing as tokenizing
@@ -180,7 +180,7 @@ def test_rows_match_the_oracle(tokenizers, style, renderer, train_on_what, max_l
 
 
 @pytest.mark.parametrize("style", ["chatml", "llama3"])
-@pytest.mark.parametrize("kind", ["sft", "pairs"])
+@pytest.mark.parametrize("kind", ["conversations", "pairs"])
 def test_tokenize_splits_in_chunks_matches_the_oracle(tokenizers, style, kind, tmp_path, monkeypatch):
     """The shard writer batches records per tokenizer call; chunks of 7 put boundaries everywhere."""
     import json
@@ -190,7 +190,7 @@ def test_tokenize_splits_in_chunks_matches_the_oracle(tokenizers, style, kind, t
     oracle = Renderer(tok, 64, "all_assistant_messages", "chat_template")
     records, want = [], []
     while len(records) < 40:
-        if kind == "sft":
+        if kind == "conversations":
             record = {"text": _content(rng)} if len(records) % 10 == 0 else {"messages": _conversation(rng)}
             row = _outcome(lambda: oracle_sft(oracle, record))
         else:
@@ -206,7 +206,7 @@ def test_tokenize_splits_in_chunks_matches_the_oracle(tokenizers, style, kind, t
     assert got == [row | {k: [float(x) for x in v] for k, v in row.items() if k.endswith("weights")} for row in want]
     kept = Renderer(tok, 64, "all_assistant_messages", "chat_template")  # truncation of the kept records only
     for record in records:
-        (oracle_sft if kind == "sft" else oracle_pair)(kept, record)
+        (oracle_sft if kind == "conversations" else oracle_pair)(kept, record)
     assert summary["train_truncated"] + summary["test_truncated"] == kept.truncated > 0
 
 

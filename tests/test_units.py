@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from crucible_assets.base_models import build_tiny_llama, train_tokenizer
-from crucible_assets.evaluation import answer_matches, bootstrap_ci
+from crucible_assets.base import build_tiny_llama, train_tokenizer
+from crucible_assets.evaluation import bootstrap_ci
 from crucible_assets.rendering import render
-from crucible_assets.schedules import learning_rate
-from crucible_assets.training import batch_indices
+from crucible_assets.train.loop import learning_rate
+from crucible_assets.train.loop import batch_indices
 from resources.store.artifact_store import ArtifactStore, IntegrityError, fingerprint
 from resources.datasets.sources import DatasetConfig, DatasetError, load_records
 from resources.backends.local.backend import LocalTorchBackend
@@ -465,15 +465,20 @@ def test_batch_indices_cover_each_index_once_per_epoch():
 # ---------------------------------------------------------------------------------------
 
 
-def test_answer_matches():
-    assert answer_matches("3 + 4 = 7", "7")
-    assert answer_matches("the answer is 12", "3 * 4 = 12")
-    assert answer_matches("5 - 8 = -3", "-3")
-    assert not answer_matches("3 + 4 = 8", "3 + 4 = 7")
-    assert not answer_matches("no numbers here", "7")
-    assert not answer_matches("7 is not it, 70 is", "7")
-    assert answer_matches("I say yes.", "yes")
-    assert not answer_matches("I say no.", "yes")
+def test_conversation_grader():
+    from resources.datasets.graders import grade_conversation
+
+    def correct(completion, reference):
+        return grade_conversation(completion, reference)[0]
+
+    assert correct("3 + 4 = 7", "7")
+    assert correct("the answer is 12", "3 * 4 = 12")
+    assert correct("5 - 8 = -3", "-3")
+    assert not correct("3 + 4 = 8", "3 + 4 = 7")
+    assert not correct("no numbers here", "7")
+    assert not correct("7 is not it, 70 is", "7")
+    assert correct("I say yes.", "yes")
+    assert not correct("I say no.", "yes")
 
 
 def test_bootstrap_ci_contains_mean():

@@ -11,7 +11,7 @@ from bench.result import Row
 from bench.rows.common import TRL_TUNED, hf_model, our_client, our_train_config, trl_args, train_quietly
 from bench.timing import interleaved, medians, timed
 from bench.workload import MAX_LENGTH
-from crucible_assets.preference import DpoConfig, completion_logps, train_dpo
+from crucible_assets.train.dpo import DpoConfig, completion_logps, train_dpo
 
 
 def trl_pairs(records: list[dict]) -> list[dict]:

@@ -12,7 +12,7 @@ from bench.result import Row
 from bench.rows.common import TRL_TUNED, hf_model, our_client, our_train_config, trl_args, train_quietly
 from bench.timing import interleaved, medians, timed
 from resources.datasets.graders import grade
-from crucible_assets.rl import RlConfig, train_rl
+from crucible_assets.train.rl import RlConfig, train_rl
 
 FORMAT_COEF = RlConfig().format_coef
 
@@ -39,7 +39,7 @@ def run(w, plan) -> list[Row]:
         cfg = our_train_config(RlConfig, plan, plan.rl_steps, group_size=plan.group_size, max_tokens=plan.rl_max_tokens,
                                eval_problems=1)
         cfg = cfg.model_copy(update={"batch_size": problems_per_step})
-        return completions / timed(lambda: train_rl(client, None, w.tokenizer, rows, rows[:1], cfg, w.stop,
+        return completions / timed(lambda: train_rl(client, None, rows, rows[:1], cfg, w.stop,
                                                     Path(tempfile.mkdtemp()), log=lambda _: None))
 
     def trl(**fields):

@@ -11,8 +11,8 @@ from bench.result import Row
 from bench.rows.common import TRL_TUNED, hf_model, our_client, our_train_config, trl_args, train_quietly
 from bench.timing import interleaved, medians, timed
 from bench.workload import MAX_LENGTH
-from crucible_assets.supervised import train_supervised
-from crucible_assets.training import TrainConfig
+from crucible_assets.train.sft import train_sft
+from crucible_assets.train.loop import TrainConfig
 
 
 def run(w, plan) -> list[Row]:
@@ -27,7 +27,7 @@ def run(w, plan) -> list[Row]:
     def ours() -> float:
         client = our_client(w.model_dir)
         cfg = our_train_config(TrainConfig, plan, plan.sft_steps)
-        seconds = timed(lambda: train_supervised(client, examples, examples[:2], cfg, Path(tempfile.mkdtemp()), log=lambda _: None))
+        seconds = timed(lambda: train_sft(client, examples, examples[:2], cfg, Path(tempfile.mkdtemp()), log=lambda _: None))
         ours.last_seconds = seconds
         return real_tokens / seconds
 

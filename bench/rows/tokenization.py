@@ -26,7 +26,7 @@ def run(w, plan) -> list[Row]:
 
     def ours() -> float:
         out = Path(tempfile.mkdtemp(prefix="bench_tok_out_"))
-        return len(chats) / timed(lambda: tokenize_splits(dataset_dir, out, tok, "sft", MAX_LENGTH,
+        return len(chats) / timed(lambda: tokenize_splits(dataset_dir, out, tok, "conversations", MAX_LENGTH,
                                                           "all_assistant_messages", "chat_template"))
 
     def datasets_map() -> float:

@@ -220,13 +220,6 @@ class ArtifactStore(ConfigurableResource):
             raise FileNotFoundError(f"no manifest for fingerprint {fp} in {self.base}")
         return json.loads(path.read_text())
 
-    def ancestry(self, fp: str) -> list[dict]:
-        """resources/store/lineage.py's ancestry, for callers that hold only a store
-        (imported here because lineage builds on this module)."""
-        from resources.store.lineage import ancestry
-
-        return ancestry(self, fp)
-
     def work_dir(self, fp: str) -> Path:
         path = self.base / "work" / check_hex(fp, "fingerprint")
         path.mkdir(parents=True, exist_ok=True)
