@@ -18,7 +18,8 @@ from resources.hf_io import load_tokenizer
 from resources.store.artifact_store import ArtifactRef, ArtifactStore
 from resources.store.jsonl import to_jsonl
 
-# conversations (chats or plain documents), pairs (chosen/rejected chats), problems (question + answer)
+# What a recipe's dataset holds, one word everywhere (validation, checks, tokenized schema):
+# conversations (chats or plain documents), pairs (chosen/rejected chats), problems (question + answer).
 DataKind = Literal["conversations", "pairs", "problems"]
 VALIDATORS = {"conversations": validate_record, "pairs": validate_pair, "problems": validate_problem}
 

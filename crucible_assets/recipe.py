@@ -65,7 +65,7 @@ def dropped_rules(cls: type, base: type) -> list[str]:
     """A subclass that re-declares a field as plain `int` to change its default silently drops
     the base's rule (`batch_size >= 1`); it must keep the base's type (`PositiveInt`)."""
     return [f"{cls.__name__}.{name} must keep the type of {base.__name__}.{name} "
-            f"({field.annotation.__name__ if not field.metadata else field.metadata})"
+            f"({', '.join([field.annotation.__name__, *map(repr, field.metadata)])})"
             for name, field in base.model_fields.items()
             if name in cls.model_fields
             and (cls.model_fields[name].annotation, cls.model_fields[name].metadata) != (field.annotation, field.metadata)]

@@ -8,17 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
+from crucible_assets.data import DataKind
 from crucible_assets.evaluation import EvalConfig
 from crucible_assets.train.loop import TrainConfig
 from resources.backends.types import TrainingClient
 from resources.store.artifact_store import ArtifactRef
-
-# What a recipe's dataset holds, one word everywhere (validation, checks, tokenized schema):
-# conversations (chats or plain documents), pairs (chosen/rejected chats), problems (question + answer).
-DataKind = Literal["conversations", "pairs", "problems"]
-
 
 @dataclass
 class TrainingRun:

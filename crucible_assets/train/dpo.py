@@ -2,6 +2,9 @@
 their own, computed once per starting model and data), the update step on the shared loop,
 the held-out evaluation, the algorithm.
 
+Shape suffixes: _P one value per pair of the batch, _2P the chosen sides then the rejected
+ones, _N per training pair (the cached reference).
+
 A completion's log-prob is the sum over its loss-weighted tokens (the last assistant
 message and its end-of-turn token; prompt and padding masked). IPO uses the per-token
 average instead, for policy and reference alike, as TRL does.

@@ -7,7 +7,7 @@ normalized by the global batch's weight, so the global gradient is the *sum* of 
 gradients: DDP averages, hence the loss is scaled by world_size before backward. Metrics are
 summed over ranks and per-datum outputs gathered back into the caller's order, so the loop
 sees exactly what one process would report. Rank 0 alone writes saves and the artifact
-(crucible_assets/training.py, crucible_assets/data_parallel_worker.py).
+(crucible_assets/train/loop.py, crucible_assets/train/torchrun.py).
 """
 
 from __future__ import annotations
