@@ -64,8 +64,11 @@ class Recipe:
 def dropped_rules(cls: type, base: type) -> list[str]:
     """A subclass that re-declares a field as plain `int` to change its default silently drops
     the base's rule (`batch_size >= 1`); it must keep the base's type (`PositiveInt`)."""
-    return [f"{cls.__name__}.{name} must keep the type of {base.__name__}.{name} "
-            f"({', '.join([field.annotation.__name__, *map(repr, field.metadata)])})"
+    def shown(field) -> str:
+        annotation = field.annotation.__name__ if isinstance(field.annotation, type) else repr(field.annotation)
+        return ", ".join([annotation, *map(repr, field.metadata)])
+
+    return [f"{cls.__name__}.{name} must keep the type of {base.__name__}.{name} ({shown(field)})"
             for name, field in base.model_fields.items()
             if name in cls.model_fields
             and (cls.model_fields[name].annotation, cls.model_fields[name].metadata) != (field.annotation, field.metadata)]

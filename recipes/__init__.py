@@ -1,5 +1,13 @@
-"""Every recipe, in the order their jobs build on each other."""
+"""Every recipe: each module in this package that defines `RECIPE`, so a new recipe is one
+file here and nothing else."""
 
-from recipes import chat_sl, distillation, dpo, math_rl, sl_basic
+import importlib
+import pkgutil
 
-RECIPES = [sl_basic.RECIPE, chat_sl.RECIPE, dpo.RECIPE, math_rl.RECIPE, distillation.RECIPE]
+
+def discover() -> list:
+    modules = (importlib.import_module(f"{__name__}.{m.name}") for m in pkgutil.iter_modules(__path__))
+    return [module.RECIPE for module in modules if hasattr(module, "RECIPE")]
+
+
+RECIPES = discover()

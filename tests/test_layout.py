@@ -3,7 +3,6 @@ doc itself, so the two cannot drift), modules stay small, and `Recipe.problems()
 config that drops a base field's rule. Builds Definitions only; nothing is materialized."""
 
 import dataclasses
-import importlib.util
 import re
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 from pydantic import PositiveInt
 
 import crucible_jobs.definitions as definitions
+import recipes
 from crucible_assets.recipe import Recipe, dropped_rules, recipe_definitions
 from crucible_assets.train import sft
 from recipes import RECIPES
@@ -28,26 +28,26 @@ def doc_example() -> str:
     return block.group(1)
 
 
-@pytest.fixture(scope="module")
-def example(tmp_path_factory) -> Recipe:
-    path = tmp_path_factory.mktemp("doc_recipe") / "sl_accuracy.py"
-    path.write_text(doc_example())
-    spec = importlib.util.spec_from_file_location("doc_sl_accuracy", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.RECIPE
+@pytest.fixture
+def discovered(tmp_path, monkeypatch) -> list[Recipe]:
+    """The doc's file dropped into the recipes package (a second folder on its path, so the
+    source tree stays untouched) and found by the package's own discovery."""
+    (tmp_path / "sl_accuracy.py").write_text(doc_example())
+    monkeypatch.setattr(recipes, "__path__", [*recipes.__path__, str(tmp_path)])
+    return recipes.discover()
 
 
 def test_doc_example_is_short():
     assert len(doc_example().splitlines()) < 40
 
 
-def test_doc_example_recipe_builds(example, monkeypatch):
+def test_doc_example_recipe_builds(discovered, monkeypatch):
+    """One file in recipes/ and nothing else: discovery finds it, Definitions build it."""
+    assert {r.name for r in discovered} == {r.name for r in RECIPES} | {"sl_accuracy"}
+    example = next(r for r in discovered if r.name == "sl_accuracy")
     name = example.name
-    assert name == "sl_accuracy" and name not in {r.name for r in RECIPES}
     assert example.problems() == []
-    # what the doc's registration (an entry in recipes.RECIPES) does; definitions read the list at import
-    monkeypatch.setattr(definitions, "RECIPES", [*RECIPES, example])
+    monkeypatch.setattr(definitions, "RECIPES", discovered)  # definitions read the list at import
     repo = definitions.build_defs().get_repository_def()
 
     job = repo.get_job(name)
