@@ -61,7 +61,7 @@ def test_dpo_chain_reference_cached_and_registered(homes, tmp_path):
 
 @pytest.mark.slow
 def test_default_chain_meets_acceptance(homes):
-    """`dagster job execute -j dpo` on the embedded defaults: sl_basic, chat_sl and dpo each
+    """`dagster job execute -m crucible_jobs -j dpo` on the embedded defaults: sl_basic, chat_sl and dpo each
     register a model that beats its start with a CI excluding zero (about 6 minutes)."""
     assert run_job("dpo", {}).success
     store = ArtifactStore()

@@ -326,6 +326,25 @@ def test_store_failed_build_leaves_nothing(tmp_path):
     assert list((base / "tmp").iterdir()) == []
 
 
+def test_build_once_leaves_no_work_behind(tmp_path):
+    """A published build removes its resumable work dir and its lock file; a failed one keeps
+    both, so a re-run resumes and a concurrent one still waits."""
+    store = ArtifactStore(root=str(tmp_path / "store"))
+    work = tmp_path / "store" / "work"
+    ref, built = store.build_once("r/stage", fingerprint(x=3), lambda out, w: _build(out), {})
+    assert built and list(work.iterdir()) == []
+    assert store.build_once("r/stage", fingerprint(x=3), lambda out, w: _build(out), {}) == (ref, False)
+
+    def crash(out: Path, w: Path):
+        (w / "step_0000001").mkdir()
+        raise RuntimeError("killed")
+
+    fp = fingerprint(x=4)
+    with pytest.raises(RuntimeError, match="killed"):
+        store.build_once("r/stage", fp, crash, {})
+    assert sorted(p.name for p in work.iterdir()) == sorted([fp, f"{fp}.lock"])
+
+
 # ---------------------------------------------------------------------------------------
 # 6. dataset sources
 # ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Orchestration: `dagster job execute -j sl_basic` (checks, content-addressed store,
+"""Orchestration: `dagster job execute -m crucible_jobs -j sl_basic` (checks, content-addressed store,
 registry, event log) against the same stages called bare (bench/bare_sl_basic.py), each a
 fresh process; then the same job again, every asset a cache hit. Overhead is expressed as
 a fraction of a one-minute job; the re-run as a fraction of the first run."""

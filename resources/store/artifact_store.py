@@ -253,7 +253,11 @@ class ArtifactStore(ConfigurableResource):
                 fcntl.flock(lock, fcntl.LOCK_EX)
             if (ref := self.lookup(fp)) is not None:
                 return ref, False
-            return self.write(key, fp, lambda out: build(out, self.work_dir(fp)), record), True
+            ref = self.write(key, fp, lambda out: build(out, self.work_dir(fp)), record)
+            # published: a later arrival returns at the first lookup, and one waiting on this
+            # lock at the second, so the file has done its job (a failed build keeps it)
+            lock_path.unlink(missing_ok=True)
+            return ref, True
 
     def write(
         self,

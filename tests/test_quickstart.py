@@ -1,0 +1,84 @@
+"""The Quickstart as a new user follows it: the README's own export line, then `dagster dev`
+in that shell, reaches a served UI whose code location loaded, and Ctrl-C stops it with its
+children. (Exporting DAGSTER_MODULE_NAME there once made `dagster dev` hang with no port
+open and deaf to Ctrl-C: its webserver child refused the variable beside `--workspace`.)
+The shell runs in a scratch copy of the repo root's workspace files so the user's own
+.dagster_home is left alone; the port is a free one instead of 3000."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from local_services import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+READY_WITHIN_S = 240  # a start-up deadline (two busy cores import torch-free Definitions), not a timing assertion
+STOPPED_WITHIN_S = 60
+LOCATION_QUERY = "{ workspaceOrError { ... on Workspace { locationEntries { name locationOrLoadError { __typename } } } } }"
+
+pytestmark = pytest.mark.slow
+
+
+def readme_exports() -> str:
+    """The `export ...` line of the README's bash block that runs the main job."""
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    lines = [line for block in blocks if "dagster job execute" in block for line in block.splitlines() if line.startswith("export ")]
+    assert len(lines) == 1, f"expected one export line in the README's run block, got {lines}"
+    return lines[0]
+
+
+def test_readme_exports_leave_dagster_dev_its_own_code_location():
+    assert "DAGSTER_MODULE_NAME" not in readme_exports()
+
+
+def graphql(url: str, query: str) -> dict:
+    request = urllib.request.Request(f"{url}/graphql", data=json.dumps({"query": query}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(request, timeout=30).read())
+
+
+def test_dagster_dev_in_the_quickstart_shell_serves_the_ui_and_stops_on_ctrl_c(tmp_path):
+    for name in ("workspace.yaml", "pyproject.toml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    port = free_port()
+    script = f"{readme_exports()}\nmkdir -p $DAGSTER_HOME && exec dagster dev -p {port}\n"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSTER_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `source .venv/bin/activate`
+    log = tmp_path / "dagster_dev.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(["bash", "-c", script], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + READY_WITHIN_S
+        while True:
+            assert proc.poll() is None, f"dagster dev exited:\n{log.read_text()[-3000:]}"
+            try:
+                urllib.request.urlopen(f"{url}/server_info", timeout=5)
+                break
+            except OSError:
+                assert time.time() < deadline, f"no UI on {url} within {READY_WITHIN_S}s:\n{log.read_text()[-3000:]}"
+                time.sleep(1)
+        entries = graphql(url, LOCATION_QUERY)["data"]["workspaceOrError"]["locationEntries"]
+        assert [(e["name"], e["locationOrLoadError"]["__typename"]) for e in entries] == [("crucible_jobs", "RepositoryLocation")]
+        assert (tmp_path / ".dagster_home").is_dir()  # the README's DAGSTER_HOME, under the shell's $PWD
+
+        os.kill(proc.pid, signal.SIGINT)  # Ctrl-C reaches `dagster dev` (exec'd: the shell's own pid)
+        proc.wait(timeout=STOPPED_WITHIN_S)
+        deadline = time.time() + STOPPED_WITHIN_S
+        while subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout and time.time() < deadline:
+            time.sleep(1)  # the webserver, daemon and code server leave after their parent
+        assert not subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout, "children outlived Ctrl-C"
+    finally:
+        if proc.poll() is None or subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout:
+            os.killpg(proc.pid, signal.SIGKILL)
