@@ -8,10 +8,10 @@ from __future__ import annotations
 import functools
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from dagster import Config, ConfigurableResource
-from pydantic import Field
+from pydantic import Field, NonNegativeInt
 
 from resources.backends.local.cpu import cpu_has_native_bf16
 
@@ -20,11 +20,11 @@ if TYPE_CHECKING:
 
 
 class LocalTorchSettings(Config):
-    device: str = Field(default="auto", description="auto | cpu | cuda")
-    precision: str = Field(default="auto", description="auto | fp32 | bf16 (autocast, fp32 master weights)")
-    micro_batch_size: int = Field(default=0, description="split forward/backward into chunks of this many sequences; 0 = whole batch")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="bf16: autocast, fp32 master weights")
+    micro_batch_size: NonNegativeInt = Field(default=0, description="split forward/backward into chunks of this many sequences; 0 = whole batch")
     packing: bool = Field(default=True, description="pack several sequences per row (block-diagonal attention) instead of padding each")
-    pack_length: int = Field(default=0, description="row length when packing; 0 = chosen per batch by a compute estimate (1-4x the longest sequence)")
+    pack_length: NonNegativeInt = Field(default=0, description="row length when packing; 0 = chosen per batch by a compute estimate (1-4x the longest sequence)")
     trust_remote_code: bool = False
 
 
