@@ -142,12 +142,15 @@ def eval_gate_check(recipe: str, metric: str, higher_is_better: bool):
 
     @asset_check(asset=key(recipe, "eval_report"), name="beats_starting_model", blocking=True,
                  description=f"The 95% CI of {delta} (trained - start) lies entirely {direction} zero.")
-    def _gate(store: ArtifactStore) -> AssetCheckResult:
+    def _gate(context: AssetCheckExecutionContext, store: ArtifactStore) -> AssetCheckResult:
         ref = store.latest_verified(key(recipe, "eval_report").to_user_string())
         report = json.loads((ref.dir / "report.json").read_text())
         lo, hi = report[f"{delta}_ci"]
-        return AssetCheckResult(passed=lo > 0 if higher_is_better else hi < 0,
-                                metadata={delta: report[delta], "ci_low": lo, "ci_high": hi})
+        passed = lo > 0 if higher_is_better else hi < 0
+        verdict = (f"{recipe}: {delta} {report[delta]:.4g}, 95% CI [{lo:.4g}, {hi:.4g}]: "
+                   + ("better than the starting model" if passed else f"not entirely {direction} zero, so not registered"))
+        (context.log.info if passed else context.log.error)(verdict)
+        return AssetCheckResult(passed=passed, description=verdict, metadata={delta: report[delta], "ci_low": lo, "ci_high": hi})
 
     return _gate
 
@@ -178,6 +181,8 @@ def promotion_gate_check(recipe: str):
         entry = registry.find(recipe, ref.fingerprint)
         decision = registry.judge(recipe, entry["version"], who=f"check {recipe}/registered_model:beats_champion (run {context.run.run_id})")
         aliases = registry.models()[recipe]["aliases"]
+        context.log.info(f"{recipe}:{entry['version']} {'passed' if decision['passed'] else 'did not pass'} beats_champion "
+                         f"({decision['reason']}); champion: {recipe}:{aliases['champion']}")
         return AssetCheckResult(passed=decision["passed"], description=decision["reason"],
                                 metadata={**{k: v for k, v in decision.items() if k != "time" and v is not None},
                                           "champion_now": aliases["champion"]})

@@ -111,34 +111,51 @@ def sampled_accuracy(start: TrainingClient, trained: TrainingClient, tokenizer, 
     return report
 
 
+NA = "n/a"  # shown where the report has no such statistic (e.g. bits_per_byte has no CI or paired gain)
+
+
+def sig4(x: float) -> float:
+    """`x` rounded to 4 significant digits, still a float: for display only, never for what is written."""
+    return float(f"{x:.4g}")
+
+
+def sig4_text(x: float) -> str:
+    """`x` at 4 significant digits, positional (no exponent), trailing zeros dropped: 1.5, 0.0001235, 12350."""
+    return np.format_float_positional(sig4(x), precision=4, unique=False, fractional=False, trim="-")
+
+
 def compared_metrics(report: dict) -> list[str]:
     """The metrics reported for both the trained and the starting model."""
     return sorted(k for k in report if f"start/{k}" in report and not k.endswith("_ci"))
 
 
-def comparison_rows(report: dict) -> list[dict]:
-    """One row per compared metric: trained value with its CI, the starting model's value,
-    and the paired gain with its CI where the report has one (None where it has not)."""
-    def ci(name):
-        return f"[{report[name][0]:.4f}, {report[name][1]:.4f}]" if name in report else None
+COMPARISON_COLUMNS = ("metric", "start", "trained", "trained_ci", "gain", "gain_ci")
 
-    return [{"metric": k, "value": report[k], "ci": ci(f"{k}_ci"), "start": report[f"start/{k}"],
-             "delta": report.get(f"{k}_delta"), "delta_ci": ci(f"{k}_delta_ci")} for k in compared_metrics(report)]
+
+def comparison_rows(report: dict) -> list[dict]:
+    """One row per compared metric, in COMPARISON_COLUMNS order: the starting model's value,
+    the trained value and its 95% CI, and the paired gain (trained - start) with its 95% CI.
+    Numbers at 4 significant digits, CIs as short strings; "n/a" where the report has no
+    such statistic (nothing is computed here)."""
+    def ci(name):
+        return f"[{sig4_text(report[name][0])}, {sig4_text(report[name][1])}]" if name in report else NA
+
+    def number(name):
+        return sig4(report[name]) if name in report else NA
+
+    return [{"metric": k, "start": number(f"start/{k}"), "trained": number(k), "trained_ci": ci(f"{k}_ci"),
+             "gain": number(f"{k}_delta"), "gain_ci": ci(f"{k}_delta_ci")} for k in compared_metrics(report)]
 
 
 def markdown(report: dict) -> str:
-    """A table of every metric reported for both the trained and the starting model, then
-    each paired delta with its CI, then sample completions."""
-    lines = ["| metric | trained | start | 95% CI (trained) |", "|---|---|---|---|"]
-    for key in compared_metrics(report):
-        ci = report.get(f"{key}_ci")
-        ci_text = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
-        lines.append(f"| {key} | {report[key]:.4f} | {report['start/' + key]:.4f} | {ci_text} |")
-    lines.append("")
-    for key in sorted(k for k in report if k.endswith("_delta")):
-        lo, hi = report[f"{key}_ci"]
-        lines.append(f"{key} (trained - start): {report[key]:.4f}, 95% CI [{lo:.4f}, {hi:.4f}]  ")
-    lines.append("")
+    """The comparison table (the same rows, columns and rounding as the UI's eval_table), then
+    sample completions."""
+    lines = ["| metric | start | trained | 95% CI (trained) | gain | 95% CI (gain) |", "|---|---|---|---|---|---|"]
+    for row in comparison_rows(report):
+        cells = [sig4_text(v) if isinstance(v, float) else v for v in (row[c] for c in COMPARISON_COLUMNS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "gain: trained - start, paired over the same held-out examples; "
+                  f"{NA}: not reported for that metric.", ""]
     for s in report.get("samples", []):
         lines.append(f"- prompt `{s['prompt']!r}` reference `{s['reference']}` completion `{s['completion']}`")
     return "\n".join(lines) + "\n"

@@ -94,11 +94,17 @@ def recipe_checks(recipe: Recipe) -> list:
             eval_gate_check(recipe.name, recipe.gate.metric, recipe.gate.higher_is_better), promotion_gate_check(recipe.name)]
 
 
+# The job's default run config, merged under a user's `-c`: the terminal shows INFO and up
+# (progress, cache hits, the run summary) and Dagster's per-event DEBUG lines stay in the event
+# log and the UI; `-c` with `loggers: {console: {config: {log_level: DEBUG}}}` brings them back.
+QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
 def recipe_definitions(recipe: Recipe, executor: ExecutorDefinition = in_process_executor) -> Definitions:
     """In-process by default so torch is imported once per run; a cluster deployment passes
     its executor (deploy/k8s, deploy/celery)."""
     if found := recipe.problems():
         raise ValueError(f"recipe {recipe.name}: " + "; ".join(found))
     job = define_asset_job(recipe.name, selection=AssetSelection.groups(recipe.name).upstream(), executor_def=executor,
-                           description=f"Materialize the {recipe.name} recipe end to end.")
+                           description=f"Materialize the {recipe.name} recipe end to end.", config=QUIET_CONSOLE)
     return Definitions(assets=recipe_assets(recipe), asset_checks=recipe_checks(recipe), jobs=[job])

@@ -44,6 +44,15 @@ def model_card(recipe: str, lineage_edge: str, started_from: dict, report: dict,
     return "\n".join(lines)
 
 
+def run_summary(recipe: str, report: dict, metric: str, version: int, aliases: list[str], eval_report: ArtifactRef) -> str:
+    """The line a run ends on: the gate metric start vs trained with the paired gain's CI, the
+    registry version and its aliases (champion follows in the promotion check), the report."""
+    lo, hi = report[f"{metric}_delta_ci"]
+    return (f"{recipe}: {metric} {report[f'start/{metric}']:.4g} -> {report[metric]:.4g} "
+            f"(gain {report[f'{metric}_delta']:.4g}, 95% CI [{lo:.4g}, {hi:.4g}]); registered {recipe}:{version} "
+            f"({', '.join(aliases) or 'no alias'}); report: {eval_report.dir / 'report.md'}")
+
+
 def registered_model_asset(recipe: str, lineage_edge: str, metric: str, higher_is_better: bool, lineage_stage: str):
     """`metric` (from the eval report) is what the promotion gate compares with the champion's;
     `lineage_edge` points at the model snapshot `lineage_stage` (the start, or a teacher)."""
@@ -82,6 +91,8 @@ def registered_model_asset(recipe: str, lineage_edge: str, metric: str, higher_i
             "run_id": context.run_id,
         }, gate={"metric": metric, "lower_is_better": not higher_is_better, "margin": config.promotion_margin})
         tracking.link_registration(checkpoint, entry, recipe)
+        aliases = sorted(a for a, v in registry.models()[recipe]["aliases"].items() if v == entry["version"])
+        context.log.info(run_summary(recipe, report, metric, entry["version"], aliases, eval_report))
         return Output(ref, data_version=output.data_version, metadata={**output.metadata, "registry_version": entry["version"]})
 
     return _registered_model

@@ -1,6 +1,8 @@
 """What the Dagster UI shows for a materialization, rendered from an artifact's summary:
-numbers as numeric metadata (so the Plots tab charts them across materializations), plots
-as inline PNG markdown, an eval report's comparison as a table, and the artifact's paths."""
+numbers as numeric metadata (so the Plots tab charts them across materializations; floats at
+4 significant digits, ints exact; display only: report.json and metrics.jsonl keep every
+digit), plots as inline PNG markdown, an eval report's comparison as a table, and the
+artifact's paths."""
 
 from __future__ import annotations
 
@@ -10,19 +12,22 @@ from typing import Any
 
 from dagster import MetadataValue, TableColumn, TableRecord, TableSchema
 
-from crucible_assets.evaluation import comparison_rows
+from crucible_assets.evaluation import comparison_rows, sig4
 from resources.store.artifact_store import ArtifactRef
 
 # Well-known parts of an artifact dir, shown as clickable paths when present.
 ARTIFACT_PATHS = {"model": "model_dir", "state": "state_dir", "metrics.jsonl": "metrics_file",
                   "report.md": "report_file", "train.parquet": "train_shard", "test.parquet": "test_shard"}
 
+# evaluation.COMPARISON_COLUMNS, in order: six narrow columns (numbers at 4 significant
+# digits, CIs as short strings) that fit a 1600 px window.
 COMPARISON_SCHEMA = TableSchema(columns=[
-    TableColumn("metric", "string"), TableColumn("value", "float", description="trained model"),
-    TableColumn("ci", "string", description="95% bootstrap CI of value"),
+    TableColumn("metric", "string"),
     TableColumn("start", "float", description="starting model"),
-    TableColumn("delta", "float", description="trained - start, paired"),
-    TableColumn("delta_ci", "string", description="95% paired bootstrap CI of delta"),
+    TableColumn("trained", "float", description="trained model"),
+    TableColumn("trained_ci", "string", description="95% bootstrap CI of trained; n/a where not reported"),
+    TableColumn("gain", "float", description="trained - start, paired; n/a where not reported"),
+    TableColumn("gain_ci", "string", description="95% paired bootstrap CI of gain; n/a where not reported"),
 ])
 
 
@@ -32,6 +37,18 @@ def comparison_table(summary: dict) -> MetadataValue | None:
         return None
     return MetadataValue.table(records=[TableRecord(r) for r in rows],
                                schema=COMPARISON_SCHEMA)
+
+
+def rounded(v: Any) -> Any:
+    """Floats (also inside lists and dicts) at 4 significant digits, still numbers; ints,
+    bools and strings as they are."""
+    if isinstance(v, float):
+        return sig4(v)
+    if isinstance(v, (list, tuple)):
+        return [rounded(x) for x in v]
+    if isinstance(v, dict):
+        return {k: rounded(x) for k, x in v.items()}
+    return v
 
 
 def png_markdown(path: Path) -> MetadataValue:
@@ -58,7 +75,7 @@ def to_metadata(ref: ArtifactRef, summary: dict, cached: bool, code_version: str
             for name in v:
                 meta[Path(name).stem] = png_markdown(ref.dir / name)
         elif isinstance(v, (int, float, str, bool)):
-            meta[k] = v
+            meta[k] = rounded(v)
         else:
-            meta[k] = MetadataValue.json(v)
+            meta[k] = MetadataValue.json(rounded(v))
     return meta

@@ -5,13 +5,16 @@ import json
 from dagster import TableMetadataValue
 
 from crucible_assets import plots
+from crucible_assets.evaluation import COMPARISON_COLUMNS, markdown
 from crucible_assets.train.progress import ProgressLog, bar
 from crucible_assets.ui_metadata import to_metadata
 from resources.store.artifact_store import ArtifactRef
 
-REPORT = {"test/nll": 1.5, "test/nll_ci": (1.4, 1.6), "start/test/nll": 2.0, "start/test/nll_ci": (1.9, 2.1),
-          "test/nll_delta": -0.5, "test/nll_delta_ci": (-0.6, -0.4),
-          "test/bits_per_byte": 0.7, "start/test/bits_per_byte": 0.9, "num_examples": 60}
+# Full-precision floats, as report.json holds them; bits_per_byte has neither CI nor paired gain.
+REPORT = {"test/nll": 1.5123456789, "test/nll_ci": (1.40123456789, 1.6098765432), "start/test/nll": 2.0,
+          "start/test/nll_ci": (1.9, 2.1), "test/nll_delta": -0.48765432101, "test/nll_delta_ci": (-0.6000049, -0.00012345678),
+          "test/bits_per_byte": 0.70000000000000007, "start/test/bits_per_byte": 0.91234567, "num_examples": 60,
+          "num_target_tokens": 123456789}
 
 
 def test_eval_report_metadata_has_a_comparison_table_numbers_and_paths(tmp_path):
@@ -20,15 +23,46 @@ def test_eval_report_metadata_has_a_comparison_table_numbers_and_paths(tmp_path)
     meta = to_metadata(ref, REPORT, cached=False, code_version="2")
     table = meta["eval_table"]
     assert isinstance(table, TableMetadataValue)
+    assert [c.name for c in table.schema.columns] == list(COMPARISON_COLUMNS) \
+        == ["metric", "start", "trained", "trained_ci", "gain", "gain_ci"]
     rows = {r.data["metric"]: r.data for r in table.records}
-    assert set(rows) == {"test/nll", "test/bits_per_byte"}
-    assert rows["test/nll"] == {"metric": "test/nll", "value": 1.5, "ci": "[1.4000, 1.6000]", "start": 2.0,
-                                "delta": -0.5, "delta_ci": "[-0.6000, -0.4000]"}
-    assert rows["test/bits_per_byte"]["delta"] is None  # no paired delta reported: left empty, not invented
+    assert set(rows) == {"test/nll", "test/bits_per_byte"}  # every compared metric, none left out
+    assert rows["test/nll"] == {"metric": "test/nll", "start": 2.0, "trained": 1.512, "trained_ci": "[1.401, 1.61]",
+                                "gain": -0.4877, "gain_ci": "[-0.6, -0.0001235]"}
+    assert list(rows["test/nll"]) == list(COMPARISON_COLUMNS)
+    # no CI and no paired gain in the report: shown as n/a, not invented, not dropped
+    assert rows["test/bits_per_byte"] == {"metric": "test/bits_per_byte", "start": 0.9123, "trained": 0.7,
+                                          "trained_ci": "n/a", "gain": "n/a", "gain_ci": "n/a"}
     assert meta["code_version"] == "2"
-    assert meta["test/nll"] == 1.5 and meta["num_examples"] == 60  # plain numbers: the Plots tab charts them
     assert meta["report_file"].path == str(tmp_path / "report.md")
     assert "model_dir" not in meta
+
+
+def test_metadata_numbers_are_rounded_to_4_significant_digits_and_stay_numbers(tmp_path):
+    """The Plots tab charts numeric metadata, so rounding keeps the type; ints stay exact; the
+    summary itself (what report.json and metrics.jsonl hold) is not touched."""
+    ref = ArtifactRef(key="x/eval_report", fingerprint="f" * 32, content_hash="c" * 64, path=str(tmp_path))
+    summary = REPORT | {"train_mean_nll": 0.000123456789, "tokens_per_s": 8123.456, "flag": True, "name": "a"}
+    before = json.dumps(summary, sort_keys=True)
+    meta = to_metadata(ref, summary, cached=False, code_version="2")
+    assert json.dumps(summary, sort_keys=True) == before
+    assert meta["test/nll"] == 1.512 and type(meta["test/nll"]) is float
+    assert meta["test/nll_delta"] == -0.4877 and meta["test/bits_per_byte"] == 0.7
+    assert meta["train_mean_nll"] == 0.0001235 and meta["tokens_per_s"] == 8123.0
+    assert meta["num_examples"] == 60 and meta["num_target_tokens"] == 123456789  # ints exact, not 1.235e8
+    assert type(meta["num_target_tokens"]) is int and meta["flag"] is True and meta["name"] == "a"
+    assert meta["test/nll_ci"].value == [1.401, 1.61]  # JSON values' floats too, still numbers
+
+
+def test_report_markdown_has_the_ui_table_columns_and_n_a():
+    md = markdown(REPORT)
+    lines = md.splitlines()
+    assert lines[0] == "| metric | start | trained | 95% CI (trained) | gain | 95% CI (gain) |"
+    assert lines[1] == "|---|---|---|---|---|---|"
+    assert lines[2] == "| test/bits_per_byte | 0.9123 | 0.7 | n/a | n/a | n/a |"
+    assert lines[3] == "| test/nll | 2 | 1.512 | [1.401, 1.61] | -0.4877 | [-0.6, -0.0001235] |"
+    assert lines[4] == ""
+    assert markdown(REPORT) == md  # deterministic: report.md's bytes are a function of the report
 
 
 def test_checkpoint_plots_reward_and_kl_curves_only_when_the_rows_carry_them(tmp_path):
