@@ -61,4 +61,4 @@ class Algorithm:
     plot_training_curve: bool = False  # the eval report also shows the checkpoint's training curve
     data_parallel: bool = False  # config.nproc_per_node > 1 trains under torchrun (train/torchrun.py)
     checkpoint_version: str = "2"
-    eval_version: str = "1"
+    eval_version: str = "1"  # bump when the eval report's bytes change for the same inputs

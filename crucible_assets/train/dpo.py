@@ -218,6 +218,7 @@ ALGORITHM = Algorithm(
     eval_key="test/dpo_loss",
     report_metric=("test/pref_accuracy", "held-out preference accuracy"),
     inputs=("reference_logprobs",),
+    eval_version="2",  # 2: report.md columns start, trained, gain (CI)
     stages=(reference_logprobs_asset,),
     checkpoint_description="DPO fine-tune of the starting model against its cached reference log-probs: HF model dir, "
                            "resumable optimizer state, per-step metrics (TRL names) and a loss curve.",

@@ -114,6 +114,16 @@ def _save(client: TrainingClient, work_dir: Path, step: int, rows: list[dict]) -
         shutil.rmtree(old)
 
 
+def interrupted(step: int, steps: int, work_dir: Path, save_every: int) -> str:
+    """What a person who pressed Ctrl-C needs to know: what is kept, and what a re-run does."""
+    last = _last_save(work_dir)
+    if last is None:
+        return (f"interrupted at step {step + 1}/{steps} before the first resumable save (every {save_every} steps); "
+                "a re-run starts this training over")
+    return (f"interrupted at step {step + 1}/{steps}; the save at step {int(last.name.split('_')[1])} is kept in {last}: "
+            "re-run the same command to resume from it (to the same bytes as an uninterrupted run)")
+
+
 def train(
     client: TrainingClient,
     num_examples: int,
@@ -138,24 +148,29 @@ def train(
         log(f"resuming from {last} at step {start}/{steps}")
     tokens_seen, slots, unpacked_slots, t0 = 0, 0, 0, time.perf_counter()
     progress = ProgressLog(steps, start, log)
-    for step in range(start, steps):
-        metrics = step_fn(step, batch_indices(step, num_examples, cfg.batch_size, cfg.seed))
-        lr = learning_rate(step, steps, cfg.learning_rate, cfg.lr_schedule, cfg.warmup_steps, cfg.min_lr_ratio)
-        opt = client.optim_step(AdamParams(learning_rate=lr, beta1=cfg.beta1, beta2=cfg.beta2,
-                                           weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm))
-        tokens_seen += metrics["num_tokens"]
-        slots += metrics.pop("tokens:slots", metrics["num_tokens"])
-        unpacked_slots += metrics.pop("tokens:unpacked_slots", metrics["num_tokens"])
-        row = {"step": step, **metrics, "learning_rate": lr, "grad_norm": opt["grad_norm"]}
-        if not np.isfinite(row[loss_key]):
-            raise FloatingPointError(f"step {step}: {loss_key} is {row[loss_key]}; last good state is in {work_dir}")
-        done = step + 1
-        if done % cfg.eval_every == 0 or done == steps:
-            row.update(eval_fn())
-        rows.append(row)
-        if done % cfg.save_every == 0 and done < steps and _writes(client):
-            _save(client, work_dir, done, rows)
-        progress.step(done, metrics["num_tokens"], row, loss_key)
+    step = start
+    try:
+        for step in range(start, steps):
+            metrics = step_fn(step, batch_indices(step, num_examples, cfg.batch_size, cfg.seed))
+            lr = learning_rate(step, steps, cfg.learning_rate, cfg.lr_schedule, cfg.warmup_steps, cfg.min_lr_ratio)
+            opt = client.optim_step(AdamParams(learning_rate=lr, beta1=cfg.beta1, beta2=cfg.beta2,
+                                               weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm))
+            tokens_seen += metrics["num_tokens"]
+            slots += metrics.pop("tokens:slots", metrics["num_tokens"])
+            unpacked_slots += metrics.pop("tokens:unpacked_slots", metrics["num_tokens"])
+            row = {"step": step, **metrics, "learning_rate": lr, "grad_norm": opt["grad_norm"]}
+            if not np.isfinite(row[loss_key]):
+                raise FloatingPointError(f"step {step}: {loss_key} is {row[loss_key]}; last good state is in {work_dir}")
+            done = step + 1
+            if done % cfg.eval_every == 0 or done == steps:
+                row.update(eval_fn())
+            rows.append(row)
+            if done % cfg.save_every == 0 and done < steps and _writes(client):
+                _save(client, work_dir, done, rows)
+            progress.step(done, metrics["num_tokens"], row, loss_key)
+    except KeyboardInterrupt:
+        log(interrupted(step, steps, work_dir, cfg.save_every))
+        raise
     elapsed = time.perf_counter() - t0
     telemetry = {
         "train_seconds": elapsed,

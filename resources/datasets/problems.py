@@ -9,13 +9,21 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
-from resources.datasets.graders import gsm8k_reference, last_boxed
+from resources.datasets.graders import gsm8k_reference, last_boxed, last_number
 from resources.datasets.sources import DatasetError
+
+GSM8K_CALC = re.compile(r"<<[^<>]*=[^<>]*>>")  # GSM8K's calculator annotations, e.g. <<48/2=24>>
 
 
 def validate_problem(record: Any, origin: str, where: str) -> dict:
+    """`{"question", "answer"}` whose answer the graders can read, so a reference no grader
+    can parse is refused here, before any training: a MATH solution needs a non-empty
+    `\\boxed{}`, a GSM8K answer a number after `####`, any other answer a number (what the
+    arithmetic and gsm8k graders compare) or LaTeX (what the math grader compares)."""
+
     def fail(field: str, problem: str) -> DatasetError:
         return DatasetError(f"{origin}: {where}: field {field!r}: {problem}")
 
@@ -28,6 +36,8 @@ def validate_problem(record: Any, origin: str, where: str) -> dict:
         answer = last_boxed(solution)
         if answer is None:
             raise fail("solution", "no \\boxed{} answer (or unbalanced braces)")
+        if not answer.strip():
+            raise fail("solution", "its last \\boxed{} is empty; the math grader compares what is inside it")
         field = "problem"
     else:
         for name in ("question", "answer"):
@@ -42,9 +52,35 @@ def validate_problem(record: Any, origin: str, where: str) -> dict:
             raise fail("answer", f"expected a string or number, got {type(answer).__name__}")
         if "####" in answer:  # GSM8K
             answer = gsm8k_reference(answer)
+            if not answer:
+                raise fail("answer", "nothing after '####'; a GSM8K answer ends with '#### <number>'")
+            if last_number(answer) is None:
+                raise fail("answer", f"'#### {_short(answer)}' has no number after '####'; the gsm8k grader "
+                                     "compares that number (e.g. '#### 72')")
+        elif answer.strip():
+            _check_plain_answer(answer, fail)
         field = "question"
     if not isinstance(question, str) or not question.strip():
         raise fail(field, "expected a non-empty string")
     if not answer.strip():
         raise fail("answer", "empty")
     return {"question": question, "answer": answer}
+
+
+def _check_plain_answer(answer: str, fail) -> None:
+    """A final answer the graders can compare: a number, or LaTeX for the math grader."""
+    latex = "\\" in answer or "$" in answer
+    lines = answer.strip().count("\n") + 1
+    if GSM8K_CALC.search(answer) or (lines > 1 and not latex):
+        raise fail("answer", f"a worked solution ({lines} lines) with no '#### <number>' line; a GSM8K answer "
+                             "ends with '#### <number>' (the number the gsm8k grader compares), any other "
+                             "answer is the final answer alone")
+    if last_number(answer) is None and not latex:
+        raise fail("answer", f"{_short(answer)!r} has no number, so the arithmetic and gsm8k graders cannot "
+                             "grade it (they compare the answer's last number: write it in digits); a symbolic "
+                             "answer for env math is accepted as LaTeX ('$x$', '\\frac{a}{b}')")
+
+
+def _short(text: str, limit: int = 40) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
