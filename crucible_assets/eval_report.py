@@ -3,6 +3,7 @@ split, by the algorithm's `evaluate`; report.json, report.md and a start-vs-trai
 the algorithm's headline metric with its CIs (plus the training curve where it says so)."""
 
 import json
+import math
 from pathlib import Path
 
 from dagster import AssetExecutionContext, AssetIn, Output, asset
@@ -23,6 +24,19 @@ def write_report(out: Path, report: dict, metric: str, ylabel: str) -> dict:
     plots.comparison(["start", "trained"], [report[f"start/{metric}"], report[metric]],
                      [report[f"start/{metric}_ci"], report[f"{metric}_ci"]], ylabel, out / "comparison.png")
     return {k: v for k, v in report.items() if k != "samples"} | {"plots": ["comparison.png"]}
+
+
+def worse_than_uniform(report: dict, vocab_size: int, recipe: str) -> str | None:
+    """A start model that predicts the held-out text worse than a uniform guess was never
+    trained on text like it (the embedded base/tiny_llama knows only the default arithmetic
+    tasks); a user should hear that before reading anything into the gain."""
+    start_nll, uniform = report.get("start/test/nll"), math.log(vocab_size)
+    if start_nll is None or start_nll <= uniform:
+        return None
+    return (f"the starting model's held-out NLL ({start_nll:.3g} nats/token) is worse than a uniform guess over its "
+            f"{vocab_size}-token vocabulary ({uniform:.3g}): it has not seen text like this data. The embedded "
+            f"base/tiny_llama is a smoke-test model for the default tasks; start from a real one with "
+            f"ops: {{{recipe}__base_model: {{config: {{base_model: <hub id or local HF dir>}}}}}} (docs/own_data.md)")
 
 
 def eval_report_asset(recipe: str, algorithm: Algorithm, config_cls: type[EvalConfig]):
@@ -46,6 +60,9 @@ def eval_report_asset(recipe: str, algorithm: Algorithm, config_cls: type[EvalCo
             report = algorithm.evaluate(EvalRun(start, trained, read_rows(tokenized, "test"), config, train_config,
                                                 read_stop(tokenized), models))
             summary = write_report(out, report, *algorithm.report_metric)
+            if warning := worse_than_uniform(report, len(trained.tokenizer), recipe):
+                context.log.warning(warning)
+                summary["start_model_warning"] = warning
             if algorithm.plot_training_curve:
                 plots.loss_curve(read_jsonl(checkpoint.dir / "metrics.jsonl"), out / "training_curve.png",
                                  algorithm.loss_key, algorithm.eval_key)

@@ -509,3 +509,12 @@ def test_bootstrap_ci_contains_mean():
     assert bootstrap_ci(lambda idx: x[idx].mean(), len(x), 500, 0) == (lo, hi)
     c = np.full(10, 4.0)
     assert bootstrap_ci(lambda idx: c[idx].mean(), 10, 100, 1) == (4.0, 4.0)
+
+
+def test_a_start_model_worse_than_uniform_is_called_out():
+    from crucible_assets.eval_report import worse_than_uniform
+
+    warning = worse_than_uniform({"start/test/nll": 13.9}, 1024, "chat_sl")
+    assert "worse than a uniform guess" in warning and "(6.93)" in warning and "chat_sl__base_model" in warning
+    assert worse_than_uniform({"start/test/nll": 6.2}, 1024, "sl_basic") is None  # the embedded default's own data
+    assert worse_than_uniform({"test/accuracy": 0.5}, 1024, "math_rl") is None  # no NLL, no claim

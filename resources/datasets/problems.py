@@ -3,7 +3,8 @@
 - GSM8K (`openai/gsm8k`): `question`, `answer` whose final answer follows `####`.
 - MATH (`hendrycks/competition_math`, `EleutherAI/hendrycks_math`): `problem` and a
   `solution` whose last `\\boxed{}` is the answer.
-- Anything else with `question` and `answer` (string or number).
+- Anything else with `question` and `answer` (string or number): the final answer alone,
+  holding a number (arithmetic, gsm8k graders) or written in LaTeX (math grader).
 """
 
 from __future__ import annotations
@@ -71,10 +72,12 @@ def _check_plain_answer(answer: str, fail) -> None:
     """A final answer the graders can compare: a number, or LaTeX for the math grader."""
     latex = "\\" in answer or "$" in answer
     lines = answer.strip().count("\n") + 1
-    if GSM8K_CALC.search(answer) or (lines > 1 and not latex):
-        raise fail("answer", f"a worked solution ({lines} lines) with no '#### <number>' line; a GSM8K answer "
-                             "ends with '#### <number>' (the number the gsm8k grader compares), any other "
-                             "answer is the final answer alone")
+    calc = GSM8K_CALC.search(answer)
+    if calc or (lines > 1 and not latex):
+        shape = f"with GSM8K calculator notes like {calc.group()}" if calc else f"{lines} lines"
+        raise fail("answer", f"a worked solution ({shape}) with no '#### <number>' line; a GSM8K answer ends "
+                             "with '#### <number>' (the number the gsm8k grader compares), any other answer is "
+                             "the final answer alone")
     if last_number(answer) is None and not latex:
         raise fail("answer", f"{_short(answer)!r} has no number, so the arithmetic and gsm8k graders cannot "
                              "grade it (they compare the answer's last number: write it in digits); a symbolic "

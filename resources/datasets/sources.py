@@ -140,7 +140,7 @@ def _sniff(head: bytes) -> str:
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return "; the file is UTF-16 (it starts with a UTF-16 byte-order mark): save it as UTF-8"
     if head.startswith(b"\x1f\x8b"):
-        return "; the file is gzip-compressed: gunzip it, or use source: hf with data_files"
+        return "; the file is gzip-compressed: gunzip it first"
     if head.startswith(b"PAR1"):
         return "; the file is Parquet: set source: parquet"
     if head.lstrip(codecs.BOM_UTF8 + b" \t\r\n").startswith((b"{", b"[")):
