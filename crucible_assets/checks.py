@@ -158,14 +158,16 @@ def eval_gate_check(recipe: str, metric: str, higher_is_better: bool):
 def length_check(recipe: str):
     """Not blocking: truncation is a choice (max_length), but it should never go unnoticed."""
     @asset_check(asset=key(recipe, "tokenized"), name="length_distribution",
-                 description="Token-length percentiles per split; warns when any example was truncated to max_length.")
+                 description="Token-length percentiles per split; warns when any example was truncated to max_length "
+                             "or dropped as overlong.")
     def _lengths(store: ArtifactStore) -> AssetCheckResult:
         ref = store.latest_verified(key(recipe, "tokenized").to_user_string())
         summary = store.manifest(ref.fingerprint)["summary"]
         truncated = summary["train_truncated"] + summary["test_truncated"]
+        dropped = summary["train_dropped_overlong"] + summary["test_dropped_overlong"]
         metadata = {f"{split}_{p}": v for split in ("train", "test") for p, v in summary[f"{split}_length_percentiles"].items()}
-        return AssetCheckResult(passed=truncated == 0, severity=AssetCheckSeverity.WARN,
-                                metadata={**metadata, "truncated": truncated})
+        return AssetCheckResult(passed=truncated == dropped == 0, severity=AssetCheckSeverity.WARN,
+                                metadata={**metadata, "truncated": truncated, "dropped_overlong": dropped})
 
     return _lengths
 

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from crucible_assets.caching import cached_artifact, key
 from crucible_assets.rendering import RendererName, TrainOn
-from crucible_assets.tokenizing import tokenize_splits
+from crucible_assets.tokenizing import OverlongPolicy, tokenize_splits
 from resources.datasets.pairs import validate_pair
 from resources.datasets.problems import validate_problem
 from resources.datasets.sources import DatasetConfig, load_records, split_records, validate_record
@@ -31,6 +31,8 @@ class TokenizeConfig(Config):
     max_length: MaxLength = Field(default=512, description="tokens per sequence; longer ones are truncated")
     train_on_what: TrainOn = "all_assistant_messages"
     renderer: RendererName = Field(default="chat_template", description="chat_template (the model's own) | role_colon (models without one)")
+    overlong: OverlongPolicy = Field(default="drop", description="a record with nothing left to learn within max_length (or a prompt "
+                                                                 "longer than it): drop it and count it, or fail the run")
 
 
 def dataset_asset(recipe: str, config_cls: type[DatasetConfig], kind: DataKind):
@@ -65,7 +67,12 @@ def tokenized_asset(recipe: str, config_cls: type[TokenizeConfig], kind: DataKin
                    dataset: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
         def build(out, _work):
             tok = load_tokenizer(base_model.dir)
-            return tokenize_splits(dataset.dir, out, tok, kind, config.max_length, config.train_on_what, config.renderer)
+            summary = tokenize_splits(dataset.dir, out, tok, kind, config.max_length, config.train_on_what, config.renderer,
+                                      config.overlong)
+            if dropped := summary["train_dropped_overlong"] + summary["test_dropped_overlong"]:
+                context.log.warning(f"dropped {dropped} records longer than max_length {config.max_length} with nothing left "
+                                    "to learn (overlong: drop); counted as train/test_dropped_overlong in the metadata")
+            return summary
 
         return cached_artifact(context, store, config=config.model_dump(),
                                upstream={"dataset": dataset, "base_model": base_model}, build=build)

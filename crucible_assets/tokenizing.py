@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -31,15 +31,22 @@ SCHEMAS = {
 
 Where = Callable[[], str]  # names the record in an error, built only when one is raised
 CHUNK = 1024  # records per tokenizer call
+OverlongPolicy = Literal["drop", "error"]
+
+
+class Overlong(RenderError):
+    """A record longer than max_length with nothing left to learn once truncated (or a prompt
+    that does not fit at all): dropped and counted, or an error, as the policy says."""
 
 
 class Renderer:
     """The tokenizer plus the tokenize config: renders conversations to layouts, then turns
     their encodings into truncated rows, counting truncation."""
 
-    def __init__(self, tok, max_length: int, train_on_what: str, renderer: str) -> None:
+    def __init__(self, tok, max_length: int, train_on_what: str, renderer: str, overlong: OverlongPolicy = "error") -> None:
         self.tok, self.max_length, self.train_on_what, self.renderer = tok, max_length, train_on_what, renderer
-        self.truncated = 0
+        self.overlong = overlong
+        self.truncated = self.dropped = 0
 
     def layout(self, messages: list[dict], where: Where, train_on_what: str | None = None,
                with_prompt: bool = False) -> Layout:
@@ -59,7 +66,7 @@ class Renderer:
             raise RenderError(f"{where()}: {err}") from None
         tokens, weights = self.truncate(e)
         if sum(weights[1:]) == 0:
-            raise RenderError(f"{where()}: loss weights sum to zero within max_length {self.max_length}")
+            raise Overlong(f"{where()}: loss weights sum to zero within max_length {self.max_length}")
         return tokens, weights
 
 
@@ -109,7 +116,7 @@ def _problem_row(r: Renderer, record: dict, encoded: list[Encoded], where: Where
     messages = [{"role": "user", "content": record["question"]}, {"role": "assistant", "content": record["answer"]}]
     prompt, reference = prompt_and_reference(r.tok, {"messages": messages}, r.renderer)
     if len(prompt) > r.max_length:
-        raise RenderError(f"{where()}: field 'question': the prompt has {len(prompt)} tokens, more than max_length {r.max_length}")
+        raise Overlong(f"{where()}: field 'question': the prompt has {len(prompt)} tokens, more than max_length {r.max_length}")
     return {"prompt_tokens": prompt, "reference": reference}, [len(prompt)]
 
 
@@ -118,10 +125,21 @@ ROW_BUILDERS = {"conversations": RowBuilder(_sft_layouts, _sft_row), "pairs": Ro
 
 
 def build_rows(r: Renderer, kind: str, records: list[tuple[dict, Where]]) -> list[tuple[dict, list[int]]]:
+    """One row per record, less the overlong ones the "drop" policy leaves out (counted in
+    `r.dropped`, and not as truncated)."""
     builder = ROW_BUILDERS[kind]
     layouts = [builder.layouts(r, record, where) for record, where in records]
     encoded = iter(encode(r.tok, [lay for lays in layouts for lay in lays]))
-    return [builder.row(r, record, [next(encoded) for _ in lays], where) for (record, where), lays in zip(records, layouts)]
+    rows = []
+    for (record, where), lays in zip(records, layouts):
+        encodings, truncated = [next(encoded) for _ in lays], r.truncated
+        try:
+            rows.append(builder.row(r, record, encodings, where))
+        except Overlong:
+            if r.overlong == "error":
+                raise
+            r.dropped, r.truncated = r.dropped + 1, truncated
+    return rows
 
 
 def sft_row(r: Renderer, record: dict, where: Where) -> tuple[dict, list[int]]:
@@ -136,11 +154,12 @@ def problem_row(r: Renderer, record: dict, where: Where) -> tuple[dict, list[int
     return build_rows(r, "problems", [(record, where)])[0]
 
 
-def tokenize_splits(dataset_dir: Path, out: Path, tok, kind: str, max_length: int, train_on_what: str, renderer: str) -> dict:
+def tokenize_splits(dataset_dir: Path, out: Path, tok, kind: str, max_length: int, train_on_what: str, renderer: str,
+                    overlong: OverlongPolicy = "drop") -> dict:
     summary = {}
     for split in ("train", "test"):
         path = dataset_dir / f"{split}.jsonl"
-        r = Renderer(tok, max_length, train_on_what, renderer)
+        r = Renderer(tok, max_length, train_on_what, renderer, overlong)
         rows, lengths = [], []
         records = read_jsonl(path)
         for first in range(0, len(records), CHUNK):
@@ -149,11 +168,15 @@ def tokenize_splits(dataset_dir: Path, out: Path, tok, kind: str, max_length: in
             for row, row_lengths in build_rows(r, kind, chunk):
                 rows.append(row)
                 lengths += row_lengths
+        if not rows:
+            raise RenderError(f"every one of the {len(records)} {split} records is longer than max_length {max_length} "
+                              "with nothing left to learn; raise max_length")
         pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMAS[kind]), out / f"{split}.parquet")
         summary[f"{split}_rows"] = len(rows)
         summary[f"{split}_tokens"] = int(sum(lengths))
         summary[f"{split}_loss_tokens"] = int(sum(sum(v[1:]) for row in rows for k, v in row.items() if k.endswith("weights")))
         summary[f"{split}_truncated"] = r.truncated
+        summary[f"{split}_dropped_overlong"] = r.dropped
         summary[f"{split}_length_percentiles"] = {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99, 100)}
     render_info = {"renderer": renderer, "train_on_what": train_on_what, "stop": stop_sequences(tok, renderer)}
     (out / "render.json").write_text(json.dumps(render_info, sort_keys=True))

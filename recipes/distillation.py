@@ -23,7 +23,7 @@ class DistillDataset(DatasetConfig):
 
 
 class DistillTokenize(TokenizeConfig):
-    max_length: MaxLength = 256  # prompts longer than this are an error, not a truncation
+    max_length: MaxLength = 256  # a prompt longer than this is never truncated: dropped (overlong: drop) or an error
 
 
 class DistillTrain(distill.DistillConfig):

@@ -22,7 +22,7 @@ class MathRlDataset(DatasetConfig):
 
 
 class MathRlTokenize(TokenizeConfig):
-    max_length: MaxLength = 256  # prompts longer than this are an error, not a truncation
+    max_length: MaxLength = 256  # a prompt longer than this is never truncated: dropped (overlong: drop) or an error
 
 
 class MathRlTrain(rl.RlConfig):

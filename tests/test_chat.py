@@ -125,6 +125,31 @@ def test_zero_weight_example_is_rejected(base_tok_dir):
         render(tok, {"messages": [{"role": "user", "content": "hi"}]}, "all_assistant_messages")
 
 
+@pytest.mark.parametrize("kind", ["conversations", "problems"])
+def test_overlong_records_are_dropped_and_counted_or_refused(base_tok_dir, tmp_path, kind):
+    """One record too long for max_length with nothing left to learn: the default policy
+    drops it and counts it (not as truncated); "error" names it; all of a split overlong fails."""
+    from crucible_assets.tokenizing import Overlong, tokenize_splits
+
+    tok = _styled_tokenizer(base_tok_dir, "chatml")
+    good = CONVERSATIONS[0] if kind == "conversations" else {"question": "What is 3 + 4?", "answer": "7"}
+    long = ([{"role": "user", "content": "Please " * 80 + "say hi."}, {"role": "assistant", "content": "Hi"}]
+            if kind == "conversations" else {"question": "Please " * 80 + "add 3 and 4.", "answer": "7"})
+    wrap = (lambda m: {"messages": m}) if kind == "conversations" else (lambda r: r)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(wrap(r)) + "\n" for r in [good, long, good]))
+    (tmp_path / "test.jsonl").write_text(json.dumps(wrap(good)) + "\n")
+    args = (tmp_path, tmp_path, tok, kind, 48, "last_assistant_message", "chat_template")
+
+    summary = tokenize_splits(*args)
+    assert (summary["train_rows"], summary["train_dropped_overlong"], summary["train_truncated"]) == (2, 1, 0)
+    assert pq.read_table(tmp_path / "train.parquet").num_rows == 2
+    with pytest.raises(Overlong, match=r"train.jsonl: record 2 .*max_length 48"):
+        tokenize_splits(*args, overlong="error")
+    (tmp_path / "test.jsonl").write_text(json.dumps(wrap(long)) + "\n")
+    with pytest.raises(RenderError, match="every one of the 1 test records is longer than max_length 48"):
+        tokenize_splits(*args)
+
+
 def test_prefix_unstable_template_is_refused(base_tok_dir):
     tok = _styled_tokenizer(base_tok_dir, "chatml")
     tok.chat_template = "{{ messages | length }}{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}"

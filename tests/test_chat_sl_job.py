@@ -92,7 +92,8 @@ def _run_on(tmp_path, records, **tokenize):
 
 def test_example_with_nothing_to_train_fails_loudly(homes, tmp_path):
     long_question = {"messages": [{"role": "user", "content": "Please " * 80 + "say hi."}, {"role": "assistant", "content": "Hi"}]}
-    result = _run_on(tmp_path, [GOOD] * 20 + [long_question] + [GOOD] * 5, max_length=48, train_on_what="last_assistant_message")
+    result = _run_on(tmp_path, [GOOD] * 20 + [long_question] + [GOOD] * 5, max_length=48, train_on_what="last_assistant_message",
+                     overlong="error")
     assert not result.success
     step, message = _failed_step(result)
     assert step == "chat_sl__tokenized"
