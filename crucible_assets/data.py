@@ -41,14 +41,17 @@ def dataset_asset(recipe: str, config_cls: type[DatasetConfig], kind: DataKind):
                        "file or a hub dataset), validated, split into train and held-out test. Great Expectations "
                        "checks block the rest of the recipe when the data are malformed.")
     def _dataset(context: AssetExecutionContext, config: config_cls, store: ArtifactStore) -> Output[ArtifactRef]:
-        records = load_records(config, VALIDATORS[kind])  # raises on bad input before anything is written
+        notes: list[str] = []  # what the loader did that the user did not spell out (a cap, dropped records)
+        records = load_records(config, VALIDATORS[kind], notes)  # raises on bad input before anything is written
+        for note in notes:
+            context.log.info(note)
         train, test = split_records(records, config.test_fraction, config.seed)
         body = {"train": to_jsonl(train), "test": to_jsonl(test)}
 
         def build(out, _work):
             for split, text in body.items():
                 (out / f"{split}.jsonl").write_text(text)
-            return {"rows": len(records), "train_rows": len(train), "test_rows": len(test)}
+            return {"rows": len(records), "train_rows": len(train), "test_rows": len(test), **({"notes": notes} if notes else {})}
 
         records_hash = hashlib.sha256((body["train"] + body["test"]).encode()).hexdigest()
         return cached_artifact(context, store, config=config.model_dump(), upstream={},
