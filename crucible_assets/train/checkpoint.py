@@ -11,13 +11,16 @@ from dagster import AssetExecutionContext, AssetIn, Output, asset
 from crucible_assets import plots
 from crucible_assets.caching import cached_artifact, key
 from crucible_assets.train.algorithm import Algorithm, TrainingRun
-from crucible_assets.train.loop import TrainConfig
+from crucible_assets.train.loop import TrainConfig, total_steps
 from crucible_assets.train.placement import TRAINING_STEP
 from crucible_assets.train.torchrun import launch_torchrun
 from resources.backends.resource import TrainingBackendResource
 from resources.store.artifact_store import ArtifactRef, ArtifactStore
 from resources.store.jsonl import to_jsonl
 from resources.tracking import TrackingResource
+
+
+MANY_EPOCHS = 20  # past this many passes over the data a run is more likely a typo in max_steps than a plan
 
 
 def save_checkpoint(client, out: Path, rows: list[dict], telemetry: dict, loss_key: str, eval_key: str) -> dict:
@@ -43,6 +46,10 @@ def checkpoint_asset(recipe: str, algorithm: Algorithm, config_cls: type[TrainCo
                     tracking: TrackingResource, **inputs: ArtifactRef) -> Output[ArtifactRef]:
         config.check(context.asset_key.to_user_string())
         upstream = {s: inputs[s] for s in stages}
+        examples = store.manifest(upstream["tokenized"].fingerprint)["summary"]["train_rows"]
+        if (epochs := total_steps(config, examples) * config.batch_size / examples) > MANY_EPOCHS:
+            context.log.warning(f"{total_steps(config, examples)} steps of batch_size {config.batch_size} make {epochs:.0f} passes "
+                                f"over the {examples} training examples (max_steps overrides num_epochs): more data, or fewer steps?")
 
         def build(out: Path, work: Path) -> dict:
             if algorithm.data_parallel and config.nproc_per_node > 1:
