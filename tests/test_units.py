@@ -16,8 +16,7 @@ import torch
 from crucible_assets.base import build_tiny_llama, train_tokenizer
 from crucible_assets.evaluation import bootstrap_ci
 from crucible_assets.rendering import render
-from crucible_assets.train.loop import learning_rate
-from crucible_assets.train.loop import batch_indices
+from crucible_assets.train.loop import TrainConfig, batch_indices, learning_rate
 from resources.store.artifact_store import ArtifactStore, IntegrityError, fingerprint
 from resources.datasets.sources import DatasetConfig, DatasetError, load_records
 from resources.backends.local.backend import LocalTorchBackend
@@ -518,3 +517,13 @@ def test_a_start_model_worse_than_uniform_is_called_out():
     assert "worse than a uniform guess" in warning and "(6.93)" in warning and "chat_sl__base_model" in warning
     assert worse_than_uniform({"start/test/nll": 6.2}, 1024, "sl_basic") is None  # the embedded default's own data
     assert worse_than_uniform({"test/accuracy": 0.5}, 1024, "math_rl") is None  # no NLL, no claim
+
+
+def test_steps_far_beyond_the_data_are_called_out():
+    from crucible_assets.train.checkpoint import too_many_epochs
+
+    assert too_many_epochs(TrainConfig(max_steps=300, batch_size=32), 18) == (
+        "300 steps of batch_size 32 make 533 passes over the 18 training examples (max_steps overrides num_epochs): "
+        "more data, or fewer steps?")
+    assert too_many_epochs(TrainConfig(max_steps=300, batch_size=32), 1800) is None  # sl_basic's default: 5 passes
+    assert too_many_epochs(TrainConfig(num_epochs=3, batch_size=32), 18) is None  # asked for by epochs

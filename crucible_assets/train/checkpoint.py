@@ -23,6 +23,14 @@ from resources.tracking import TrackingResource
 MANY_EPOCHS = 20  # past this many passes over the data a run is more likely a typo in max_steps than a plan
 
 
+def too_many_epochs(config: TrainConfig, examples: int) -> str | None:
+    steps = total_steps(config, examples)
+    if (epochs := steps * config.batch_size / examples) <= MANY_EPOCHS:
+        return None
+    return (f"{steps} steps of batch_size {config.batch_size} make {epochs:.0f} passes over the {examples} training examples "
+            "(max_steps overrides num_epochs): more data, or fewer steps?")
+
+
 def save_checkpoint(client, out: Path, rows: list[dict], telemetry: dict, loss_key: str, eval_key: str) -> dict:
     """Sampler weights (HF dir), resumable state, per-step metrics, the loss curve and, when
     the rows carry them, reward and KL curves."""
@@ -46,10 +54,8 @@ def checkpoint_asset(recipe: str, algorithm: Algorithm, config_cls: type[TrainCo
                     tracking: TrackingResource, **inputs: ArtifactRef) -> Output[ArtifactRef]:
         config.check(context.asset_key.to_user_string())
         upstream = {s: inputs[s] for s in stages}
-        examples = store.manifest(upstream["tokenized"].fingerprint)["summary"]["train_rows"]
-        if (epochs := total_steps(config, examples) * config.batch_size / examples) > MANY_EPOCHS:
-            context.log.warning(f"{total_steps(config, examples)} steps of batch_size {config.batch_size} make {epochs:.0f} passes "
-                                f"over the {examples} training examples (max_steps overrides num_epochs): more data, or fewer steps?")
+        if warning := too_many_epochs(config, store.manifest(upstream["tokenized"].fingerprint)["summary"]["train_rows"]):
+            context.log.warning(warning)
 
         def build(out: Path, work: Path) -> dict:
             if algorithm.data_parallel and config.nproc_per_node > 1:
