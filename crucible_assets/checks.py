@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, multi_asset_check, asset_check
 
 from crucible_assets.caching import key
+from crucible_assets.tokenizing import record_origins
 from resources.store.artifact_store import ArtifactRef, ArtifactStore, fingerprint
 from resources.store.jsonl import read_jsonl
 from resources.store.registry import ModelRegistry
@@ -24,7 +25,7 @@ logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 # Part of every recorded dataset verdict's fingerprint: bump it when _row or validate changes
 # what a verdict means, so no verdict of the old code is reused.
-DATASET_CHECKS_VERSION = "1"
+DATASET_CHECKS_VERSION = "2"  # 2: results keep the offending rows' indices
 BASIC_CHECKS = ("schema", "non_empty", "no_nulls", "trainable_records")
 CHAT_CHECKS = BASIC_CHECKS + ("roles_valid", "alternation", "no_empty_assistant_turns")
 CHECKS_BY_KIND = {
@@ -73,7 +74,10 @@ def validate(df: "pd.DataFrame") -> dict[str, tuple[bool, dict]]:
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
     context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)  # a bar per expectation buries the run log
     batch = (context.data_sources.add_pandas("crucible").add_dataframe_asset("records")
              .add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": df}))
     trainable_col = "assistant_chars" if df["assistant_chars"].notna().any() else "text_chars"
@@ -98,7 +102,7 @@ def validate(df: "pd.DataFrame") -> dict[str, tuple[bool, dict]]:
     for name, exps in expectations.items():
         outcomes = [batch.validate(e) for e in exps]
         results[name] = (all(o.success for o in outcomes),
-                         {o.expectation_config.type: {"success": o.success, **{k: v for k, v in o.result.items() if k in ("observed_value", "unexpected_count", "partial_unexpected_list")}} for o in outcomes})
+                         {o.expectation_config.type: {"success": o.success, **{k: v for k, v in o.result.items() if k in ("observed_value", "unexpected_count", "partial_unexpected_list", "partial_unexpected_index_list")}} for o in outcomes})
     return results
 
 
@@ -113,11 +117,24 @@ def dataset_checks(recipe: str, kind: str):
         verdict, reused = recorded_verdict(store, dataset, names, context.run.run_id)
         for name in names:
             ok, details = verdict["results"][name]
+            offending = [] if ok else offending_records(dataset, details)
+            if not ok:
+                context.log.error(f"{recipe}/dataset check {name!r} failed" + "".join(f"\n  {o}" for o in offending))
             yield AssetCheckResult(check_name=name, asset_key=key(recipe, "dataset"), passed=ok,
                                    severity=AssetCheckSeverity.ERROR,
-                                   metadata={"great_expectations": details, **reused})
+                                   metadata={"great_expectations": details, **reused,
+                                             **({"first_offending_records": offending} if offending else {})})
 
     return _checks
+
+
+def offending_records(dataset: ArtifactRef, details: dict, shown: int = 5) -> list[str]:
+    """The first records a failed check flagged, each named by the user's own file and line
+    (the dataset's sources list) with the start of its content."""
+    rows = [(split, i, r) for split in ("train", "test") for i, r in enumerate(read_jsonl(dataset.dir / f"{split}.jsonl"), 1)]
+    indices = sorted({i for result in details.values() for i in result.get("partial_unexpected_index_list", [])})
+    origins = {split: record_origins(dataset.dir, split) for split in ("train", "test")}
+    return [f"{origins[split](i)}: {json.dumps(record)[:200]}" for split, i, record in (rows[k] for k in indices[:shown])]
 
 
 def recorded_verdict(store: ArtifactStore, dataset: ArtifactRef, names: tuple[str, ...], run_id: str) -> tuple[dict, dict]:

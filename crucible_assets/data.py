@@ -3,6 +3,7 @@ and split) and `<recipe>/tokenized` (Parquet shards of token ids and loss weight
 record is follows from the recipe's data kind, one word for validation, checks and schema."""
 
 import hashlib
+import json
 from typing import Annotated, Literal
 
 from dagster import AssetExecutionContext, AssetIn, Config, Output, asset
@@ -10,7 +11,7 @@ from pydantic import Field
 
 from crucible_assets.caching import cached_artifact, key
 from crucible_assets.rendering import RendererName, TrainOn
-from crucible_assets.tokenizing import OverlongPolicy, tokenize_splits
+from crucible_assets.tokenizing import SOURCES, OverlongPolicy, tokenize_splits
 from resources.datasets.pairs import validate_pair
 from resources.datasets.problems import validate_problem
 from resources.datasets.sources import DatasetConfig, load_records, split_records, validate_record
@@ -36,21 +37,24 @@ class TokenizeConfig(Config):
 
 
 def dataset_asset(recipe: str, config_cls: type[DatasetConfig], kind: DataKind):
-    @asset(key=key(recipe, "dataset"), group_name=recipe, code_version="1", kinds={"json", "great_expectations"},
+    @asset(key=key(recipe, "dataset"), group_name=recipe, code_version="2", kinds={"json", "great_expectations"},
            description="The training records, read from the configured source (a generated task, a local JSONL/Parquet "
                        "file or a hub dataset), validated, split into train and held-out test. Great Expectations "
                        "checks block the rest of the recipe when the data are malformed.")
     def _dataset(context: AssetExecutionContext, config: config_cls, store: ArtifactStore) -> Output[ArtifactRef]:
         notes: list[str] = []  # what the loader did that the user did not spell out (a cap, dropped records)
-        records = load_records(config, VALIDATORS[kind], notes)  # raises on bad input before anything is written
+        sources: list[str] = []  # the user's file and line of each record, so later errors can name them
+        records = load_records(config, VALIDATORS[kind], notes, sources)  # raises on bad input before anything is written
         for note in notes:
             context.log.info(note)
-        train, test = split_records(records, config.test_fraction, config.seed)
-        body = {"train": to_jsonl(train), "test": to_jsonl(test)}
+        train, test = split_records(list(zip(records, sources)), config.test_fraction, config.seed)
+        body = {"train": to_jsonl([r for r, _ in train]), "test": to_jsonl([r for r, _ in test])}
+        provenance = {"train": [s for _, s in train], "test": [s for _, s in test]}
 
         def build(out, _work):
             for split, text in body.items():
                 (out / f"{split}.jsonl").write_text(text)
+            (out / SOURCES).write_text(json.dumps(provenance, indent=0))
             return {"rows": len(records), "train_rows": len(train), "test_rows": len(test), **({"notes": notes} if notes else {})}
 
         records_hash = hashlib.sha256((body["train"] + body["test"]).encode()).hexdigest()

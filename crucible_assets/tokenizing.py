@@ -32,6 +32,7 @@ SCHEMAS = {
 Where = Callable[[], str]  # names the record in an error, built only when one is raised
 CHUNK = 1024  # records per tokenizer call
 OverlongPolicy = Literal["drop", "error"]
+SOURCES = "sources.json"  # beside a dataset's splits: {split: [where each record came from, in order]}
 
 
 class Overlong(RenderError):
@@ -154,6 +155,16 @@ def problem_row(r: Renderer, record: dict, where: Where) -> tuple[dict, list[int
     return build_rows(r, "problems", [(record, where)])[0]
 
 
+def record_origins(dataset_dir: Path, split: str) -> Callable[[int], str]:
+    """Record i (from 1) of a stored split -> where the user's data had it ("/their/file.jsonl:
+    line 12"); the stored file itself for a dataset without a sources list."""
+    path = dataset_dir / SOURCES
+    if not path.exists():
+        return lambda i: f"{dataset_dir / f'{split}.jsonl'}: record {i}"
+    origins = json.loads(path.read_text())[split]
+    return lambda i: origins[i - 1]
+
+
 def tokenize_splits(dataset_dir: Path, out: Path, tok, kind: str, max_length: int, train_on_what: str, renderer: str,
                     overlong: OverlongPolicy = "drop") -> dict:
     summary = {}
@@ -161,9 +172,9 @@ def tokenize_splits(dataset_dir: Path, out: Path, tok, kind: str, max_length: in
         path = dataset_dir / f"{split}.jsonl"
         r = Renderer(tok, max_length, train_on_what, renderer, overlong)
         rows, lengths = [], []
-        records = read_jsonl(path)
+        records, origins = read_jsonl(path), record_origins(dataset_dir, split)
         for first in range(0, len(records), CHUNK):
-            chunk = [(record, lambda i=i, record=record: f"{path}: record {i} ({json.dumps(record)[:300]})")
+            chunk = [(record, lambda i=i, record=record: f"{origins(i)} ({json.dumps(record)[:300]})")
                      for i, record in enumerate(records[first: first + CHUNK], first + 1)]
             for row, row_lengths in build_rows(r, kind, chunk):
                 rows.append(row)

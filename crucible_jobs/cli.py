@@ -1,7 +1,8 @@
-"""`crucible` command line: lineage, audit (and reproduction), run comparison and the
-registry (listing, promote, rollback), read straight from the artifact store's manifests
-and the registry (no Dagster instance needed; a reproduction runs Dagster in a subprocess).
-Arguments and printing only: what is printed comes from resources/store/ and reproduce.py."""
+"""`crucible` command line: lineage, audit (and reproduction), run comparison, the
+registry (listing, promote, rollback) and garbage collection of the store, read straight
+from the artifact store's manifests and the registry (no Dagster instance needed; a
+reproduction runs Dagster in a subprocess). Arguments and printing only: what is printed
+comes from resources/store/ and reproduce.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 
 from crucible_jobs import reproduce
 from resources.backends.local.cpu import machine_type
-from resources.store import compare, lineage
+from resources.store import compare, gc, lineage
 from resources.store.artifact_store import ArtifactRef, ArtifactStore
 from resources.store.registry import ModelRegistry
 
@@ -118,6 +119,26 @@ def cmd_compare(args, store, registry) -> int:
     return 0
 
 
+def cmd_gc(args, store, registry) -> int:
+    try:
+        report = gc.collect(store, registry, dry_run=args.dry_run)
+    except gc.GcRefused as e:
+        print(f"crucible gc: {e}", file=sys.stderr)
+        return 2
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{report.live_manifests} live manifests, "
+          f"{report.live_objects} live objects in {store.base}")
+    for item in report.garbage:
+        print(f"{verb:<13}{item.kind:<9}{item.size:>15,} B  {item.path}")
+    for item in report.kept:
+        print(f"{'kept':<13}{item.kind:<9}{item.size:>15,} B  {item.path}  ({item.note})")
+    if report.building and args.dry_run:
+        print(f"a build is in progress ({', '.join(report.building)}): gc without --dry-run refuses until it ends")
+    total = f"{report.total:,} bytes in {len(report.garbage)} entries"
+    print(f"{'would free' if args.dry_run else 'freed'} {total}" if report.garbage else "nothing to collect")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="crucible", description="Lineage, audits and the model registry of a Crucible store ($CRUCIBLE_HOME).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("a")
     p.add_argument("b")
     p.set_defaults(fn=cmd_compare)
+    p = sub.add_parser("gc", help="delete store objects and manifests that no ref or registry version reaches "
+                                  "(unchanged for an hour); --dry-run only lists them")
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted (kind, bytes, path) and the total")
+    p.set_defaults(fn=cmd_gc)
     args = parser.parse_args(argv)
     try:
         return args.fn(args, ArtifactStore(), ModelRegistry())

@@ -98,7 +98,7 @@ def test_example_with_nothing_to_train_fails_loudly(homes, tmp_path):
     step, message = _failed_step(result)
     assert step == "chat_sl__tokenized"
     assert "sum to zero within max_length 48" in message and "field 'messages'" in message and "Please" in message
-    assert "record" in message and ("train.jsonl" in message or "test.jsonl" in message)
+    assert f"{tmp_path / 'chats.jsonl'}: line 21 (" in message  # the user's file and line, not the store's copy
     assert not (ArtifactStore().base / "refs" / "chat_sl" / "tokenized.json").exists()
 
 
@@ -109,3 +109,6 @@ def test_conversation_ending_on_a_user_turn_is_blocked_by_the_checks(homes, tmp_
     step, message = _failed_step(result)
     assert step == "chat_sl__dataset_checks"  # the alternation check is blocking
     assert not (ArtifactStore().base / "refs" / "chat_sl" / "tokenized.json").exists()
+    alternation = next(e for e in result.get_asset_check_evaluations() if e.check_name == "alternation")
+    offending = alternation.metadata["first_offending_records"].value  # the user's file and line, shuffled or not
+    assert not alternation.passed and len(offending) == 1 and offending[0].startswith(f"{tmp_path / 'chats.jsonl'}: line 21: ")

@@ -43,26 +43,32 @@ class DatasetConfig(Config):
 
 
 def load_records(cfg: DatasetConfig, validate: Callable[[Any, str, str], dict | None] | None = None,
-                 notes: list[str] | None = None) -> list[dict]:
+                 notes: list[str] | None = None, sources: list[str] | None = None) -> list[dict]:
     """`validate(record, origin, where)` normalizes one record (None drops it) or raises
     DatasetError; the default accepts conversations and documents. `notes`, when given,
     collects what the user should see that is not an error: `num_examples` asking for more
     records than the source has (it is a cap, so what there is gets used) and records the
-    validator dropped. Local paths are shown resolved to absolute ones."""
+    validator dropped. `sources`, when given, gets where each returned record came from
+    ("/abs/file.jsonl: line 12"), in order, so later errors can name the user's own line.
+    Local paths are shown resolved to absolute ones."""
     validate = validate or validate_record
     if cfg.source == "synthetic":
         if cfg.num_examples < 2:
             raise DatasetError(f"dataset config: field 'num_examples': {cfg.num_examples} is < 2")
-        return GENERATORS[cfg.generator](cfg.num_examples, cfg.seed)
+        records = GENERATORS[cfg.generator](cfg.num_examples, cfg.seed)
+        if sources is not None:
+            sources += [f"synthetic {cfg.generator} (seed {cfg.seed}): record {i}" for i in range(1, len(records) + 1)]
+        return records
     raw = {"jsonl": _read_jsonl, "parquet": _read_parquet, "hf": _read_hf}[cfg.source](cfg)
     origin = _origin(cfg)
-    records, dropped = [], []
+    records, kept_at, dropped = [], [], []
     for where, r in raw:
         clean = validate(r, origin, where)
         if clean is None:
             dropped.append(where)
         else:
             records.append(clean)
+            kept_at.append(where)
     read = len(records) + len(dropped)
     reason = getattr(validate, "drops", "its validator returned None for them")
     if not records:
@@ -72,6 +78,8 @@ def load_records(cfg: DatasetConfig, validate: Callable[[Any, str, str], dict | 
         notes.append(f"{origin}: {len(dropped)} of {read} records dropped ({reason}): {shown}")
     if cfg.num_examples and cfg.source != "hf":
         records = records[: cfg.num_examples]
+    if sources is not None:
+        sources += [f"{origin}: {where}" for where in kept_at[: len(records)]]
     # hf reads at most num_examples rows; fewer read means the split is smaller (drops are noted above)
     short = read < cfg.num_examples if cfg.source == "hf" else len(records) < cfg.num_examples
     if short and notes is not None:

@@ -283,6 +283,7 @@ class ArtifactStore(ConfigurableResource):
                 if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not obj.is_dir():
                     raise
                 shutil.rmtree(staging)
+                os.utime(obj)  # in use again: `crucible gc` leaves recently touched objects alone
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
