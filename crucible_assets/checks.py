@@ -191,10 +191,13 @@ def length_check(recipe: str):
 
 def promotion_gate_check(recipe: str):
     """Judges the version the run registered against the champion (the metric and margin
-    recorded at registration); a failure leaves `champion` where it was and says why."""
+    recorded at registration); a failure leaves `champion` where it was and says why, as a
+    warning: blocking (downstream waits for the verdict) but not fatal."""
     @asset_check(asset=key(recipe, "registered_model"), name="beats_champion", blocking=True,
                  description="Promotes the new version to champion if its gate metric beats the champion's by more than "
-                             "the margin (registered_model config promotion_margin); otherwise the champion stays.")
+                             "the margin (registered_model config promotion_margin); otherwise the champion stays, and "
+                             "the run still succeeds: a registered version that is not promoted is no failure, and "
+                             "recipes that build on this one start from the champion.")
     def _promote(context: AssetCheckExecutionContext, store: ArtifactStore, registry: ModelRegistry) -> AssetCheckResult:
         ref = store.latest_verified(key(recipe, "registered_model").to_user_string())
         entry = registry.find(recipe, ref.fingerprint)
@@ -202,7 +205,7 @@ def promotion_gate_check(recipe: str):
         aliases = registry.models()[recipe]["aliases"]
         context.log.info(f"{recipe}:{entry['version']} {'passed' if decision['passed'] else 'did not pass'} beats_champion "
                          f"({decision['reason']}); champion: {recipe}:{aliases['champion']}")
-        return AssetCheckResult(passed=decision["passed"], description=decision["reason"],
+        return AssetCheckResult(passed=decision["passed"], description=decision["reason"], severity=AssetCheckSeverity.WARN,
                                 metadata={**{k: v for k, v in decision.items() if k != "time" and v is not None},
                                           "champion_now": aliases["champion"]})
 

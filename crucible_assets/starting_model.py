@@ -21,6 +21,22 @@ class BaseModelConfig(Config):
     base_model: str = Field(default=EMBEDDED, description="'embedded' (the recipe's default start: base/tiny_llama or the "
                                                           "registered model of the recipe it builds on), a local HF model dir, or an HF hub id")
     revision: str = Field(default="", description="hub models: revision to pin")
+    registered: str = Field(default="champion", description="embedded start from another recipe: which of its registered "
+                                                            "versions, an alias (champion, latest, staging) or a version number")
+
+
+def registered_start(registry: ModelRegistry, store: ArtifactStore, recipe: str, which: str) -> dict:
+    """The registry entry a chain starts from: by default the champion, so a version that did
+    not beat it (registered, but not promoted) is not what the next recipe builds on."""
+    spec = f"{recipe}:{which}" if which.isdigit() else f"{recipe}@{which}"
+    try:
+        entry = registry.resolve(spec)
+    except KeyError as e:
+        raise ValueError(f"cannot start from {spec}: {e.args[0]}; run the {recipe} job first, or set registered: "
+                         "latest (or a version number) in this op's config") from None
+    if store.lookup(entry["fingerprint"]) is None:
+        raise FileNotFoundError(f"{spec} (fingerprint {entry['fingerprint']}) is in the registry but not in the store")
+    return entry
 
 
 def starting_model_asset(recipe: str, start_from: str | None = None, stage: str = "base_model", base: str = "tiny_llama"):
@@ -36,7 +52,8 @@ def starting_model_asset(recipe: str, start_from: str | None = None, stage: str 
     def _starting_model(context: AssetExecutionContext, config: BaseModelConfig, store: ArtifactStore,
                         registry: ModelRegistry) -> Output[ArtifactRef]:
         if config.base_model == EMBEDDED:
-            start = store.latest(start_key.to_user_string())
+            entry = registered_start(registry, store, start_from, config.registered) if start_from else None
+            start = store.lookup(entry["fingerprint"]) if entry else store.latest(start_key.to_user_string())
             source = store.open_verified(start)
             source_hash = start.content_hash  # verified just now: hash_tree(source) would give the same
         else:
@@ -52,9 +69,8 @@ def starting_model_asset(recipe: str, start_from: str | None = None, stage: str 
         origin = {"source": config.base_model}
         if config.base_model == EMBEDDED:
             origin["source"] = start.key
-            entry = registry.find(start_from, start.fingerprint) if start_from else None
-            if entry:
-                origin["registered_model"] = f"{start_from}:{entry['version']}"
+            if entry:  # which version, and how it was chosen (an alias moves; the version does not)
+                origin |= {"registered_model": f"{start_from}:{entry['version']}", "registered_as": config.registered}
 
         def build(out, _work):
             shutil.rmtree(out)
