@@ -10,6 +10,7 @@ from dagster import AssetExecutionContext, AssetIn, Config, Output, asset
 
 from crucible_assets.caching import cached_artifact, key
 from resources.datasets.synthetic import tokenizer_corpus
+from resources.hf_io import quiet_progress_bars
 from resources.store.artifact_store import ArtifactRef, ArtifactStore
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ def build_tiny_llama(
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    quiet_progress_bars()
     tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     stop_ids = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     config = LlamaConfig(

@@ -26,6 +26,14 @@ def check_safetensors(model_dir: Path) -> None:
         )
 
 
+def quiet_progress_bars() -> None:
+    """transformers draws a bar for every model it loads or writes ("Loading weights", "Writing
+    model shards"): several per run step, burying the run's own progress lines."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def load_model(
     model_dir: Path | str, device: str = "cpu", trust_remote_code: bool = False
 ) -> PreTrainedModel:
@@ -33,6 +41,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     check_safetensors(Path(model_dir))
+    quiet_progress_bars()
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
         use_safetensors=True,
