@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from browser import RECIPE_GROUPS, SCREENSHOTS, body_text, browser, dismiss_newsletter, wait_for  # noqa: F401
 from local_services import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def graphql(url: str, query: str) -> dict:
     return json.loads(urllib.request.urlopen(request, timeout=30).read())
 
 
-def test_dagster_dev_in_the_quickstart_shell_serves_the_ui_and_stops_on_ctrl_c(tmp_path):
+def test_dagster_dev_in_the_quickstart_shell_serves_the_ui_and_stops_on_ctrl_c(tmp_path, browser):
     for name in ("workspace.yaml", "pyproject.toml"):
         shutil.copy(REPO / name, tmp_path / name)
     port = free_port()
@@ -81,6 +82,11 @@ def test_dagster_dev_in_the_quickstart_shell_serves_the_ui_and_stops_on_ctrl_c(t
         assert [(e["name"], e["locationOrLoadError"]["__typename"]) for e in entries] == [("crucible_jobs", "RepositoryLocation")]
         assert (tmp_path / ".dagster_home" / "dagster.yaml").is_file()  # the README's DAGSTER_HOME, under the shell's $PWD
         assert "No dagster instance configuration file" not in log.read_text()
+        browser.get(f"{url}/asset-groups")  # what step 2 of the Quickstart tells a user to look at
+        wait_for(browser, lambda d: all(g in body_text(d).split("\n") for g in RECIPE_GROUPS), "every recipe group")
+        dismiss_newsletter(browser)
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(SCREENSHOTS / "0_quickstart_dagster_dev.png"))
 
         os.kill(proc.pid, signal.SIGINT)  # Ctrl-C reaches `dagster dev` (exec'd: the shell's own pid)
         proc.wait(timeout=STOPPED_WITHIN_S)

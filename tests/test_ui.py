@@ -7,29 +7,22 @@ screenshots; the `mlflow` CLI lists the run with its metrics."""
 import copy
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RUN_CONFIG, config_for, env_with, require_system_package, run_job
+from conftest import TINY_RUN_CONFIG, config_for, env_with, run_job
+from browser import RECIPE_GROUPS, SCREENSHOTS, body_text, browser, click_text, dismiss_newsletter, wait_for  # noqa: F401
 from local_services import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-SCREENSHOTS = Path(os.environ.get("CRUCIBLE_TEST_ARTIFACTS", REPO / "test-artifacts")) / "ui"
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-HEADLESS_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1600,1000"]
 # the webserver launches runs itself: no daemon here to dequeue them
 RUN_AT_ONCE = "run_coordinator:\n  module: dagster._core.run_coordinator\n  class: DefaultRunCoordinator\n"
-RECIPE_GROUPS = ["base", "sl_basic", "chat_sl", "dpo", "math_rl", "distillation"]
 READY_WITHIN_S = 240  # a start-up deadline (imports torch on two busy cores), not a timing assertion
 
 pytestmark = pytest.mark.slow
@@ -111,55 +104,6 @@ def test_graphql_client_launches_a_recipe_job_and_it_succeeds(webserver):
         assert time.time() < deadline, f"run {run_id} still {status}"
         time.sleep(2)
     assert status == DagsterRunStatus.SUCCESS
-
-
-@pytest.fixture
-def browser():
-    require_system_package(bool(CHROMIUM and CHROMEDRIVER), "chromium and chromedriver", "chromium chromium-driver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    profile = tempfile.mkdtemp(prefix="crucible-chromium-")
-    for flag in HEADLESS_FLAGS + [f"--user-data-dir={profile}"]:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.implicitly_wait(0)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
-def wait_for(driver, condition, what: str, within_s: float = 60):
-    """Polls `condition(driver)` until truthy (the UI renders asynchronously)."""
-    deadline = time.time() + within_s
-    while not (found := condition(driver)):
-        assert time.time() < deadline, f"the UI never showed {what}; page text:\n{body_text(driver)[:2000]}"
-        time.sleep(0.5)
-    return found
-
-
-def body_text(driver) -> str:
-    from selenium.webdriver.common.by import By
-
-    return driver.find_element(By.TAG_NAME, "body").text
-
-
-def click_text(driver, text: str, what: str) -> None:
-    from selenium.webdriver.common.by import By
-
-    wait_for(driver, lambda d: d.find_elements(By.XPATH, f"//*[contains(text(), '{text}')]"), what)[-1].click()
-
-
-def dismiss_newsletter(driver) -> None:
-    """The UI's first visit opens a 'Join the Dagster community' dialog over the page."""
-    from selenium.webdriver.common.by import By
-
-    for button in driver.find_elements(By.XPATH, "//button[normalize-space()='Skip']"):
-        button.click()
 
 
 def test_browser_shows_recipe_groups_checkpoint_metadata_and_plots(webserver, browser, capsys):
