@@ -110,7 +110,11 @@ def require_system_package(found: bool, what: str, package: str) -> None:
     fails under CI, where .ci/run installs it: a broken install step must not pass as a skip."""
     if found:
         return
-    message = f"{what} is not installed (Debian: apt-get install {package}; .ci/run installs it)"
+    skip_or_fail_under_ci(f"{what} is not installed (Debian: apt-get install {package}; .ci/run installs it)")
+
+
+def skip_or_fail_under_ci(message: str) -> None:
+    """What a developer's machine may lack, CI has: there a missing capability is a failure."""
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from dagster import AssetKey
 
-from conftest import TINY_RUN_CONFIG, config_for, tree_digest
+from conftest import TINY_RUN_CONFIG, config_for, skip_or_fail_under_ci, tree_digest
 from resources.store.artifact_store import ArtifactRef, ArtifactStore, IntegrityError, atomic_write_text
 from resources.datasets.sources import DatasetError, load_records
 from resources.store.registry import ModelRegistry
@@ -134,6 +134,14 @@ def test_record_faults_name_file_record_and_field(recipe, case):
         load_records(cls(**dataset_config(CORPUS / name)), validate)
     for part in expected:
         assert part in str(err.value), f"{recipe}: {name}: {err.value}"
+
+
+def test_reliability_md_counts_what_the_tests_run():
+    """The counts RELIABILITY.md quotes come from these parametrizations, so they cannot drift."""
+    loader_files, loader_records = len(FILE_CASES) * len(RECIPES), sum(len(c[0]) for c in RECORD_CASES)
+    runs = loader_records + len(FILE_CASES)  # every record case through its recipes, every file case through sl_basic
+    doc = (Path(__file__).parent / "RELIABILITY.md").read_text()
+    assert f"{loader_files} file-level and {loader_records} record-level loader cases; {runs} Dagster runs" in doc
 
 
 def test_every_corpus_file_is_exercised():
@@ -538,7 +546,7 @@ def mount_tmpfs(path: Path, size: str) -> bool:
 def test_full_filesystem_fails_cleanly_and_half_writes_nothing(tmp_path):
     disk = tmp_path / "disk"
     if not mount_tmpfs(disk, "1m"):
-        pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
+        skip_or_fail_under_ci("cannot mount a tmpfs here (needs root and mount permission; CI runs as root)")
     try:
         store = ArtifactStore(root=str(disk / "store"))
         with pytest.raises(OSError) as err:
@@ -575,7 +583,7 @@ def test_full_filesystem_during_a_training_save_keeps_the_last_good_save(populat
     client = new_client()
     store = ArtifactStore(root=str(tmp_path / "store"))
     if not mount_tmpfs(store.base / "work", f"{int(one_save * 1.5) // 4096 * 4096 + 65536}"):
-        pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
+        skip_or_fail_under_ci("cannot mount a tmpfs here (needs root and mount permission; CI runs as root)")
     try:
         fp = "a" * 32
         cfg = TrainConfig(max_steps=6, batch_size=4, save_every=2, eval_every=100, warmup_steps=0)
