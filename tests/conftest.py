@@ -9,8 +9,12 @@ from pathlib import Path
 
 import pytest
 
+# The precision every test that compares numbers runs at, whatever `precision: auto` would
+# pick on the machine (bf16 where a CPU measures it faster): a threshold means the same everywhere.
+PINNED_PRECISION = {"backend": {"config": {"local": {"precision": "fp32"}}}}
 # Small enough for the default test run, big enough that training measurably helps.
 TINY_RUN_CONFIG = {
+    "resources": PINNED_PRECISION,
     "ops": {
         "base__tiny_llama": {"config": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128}},
         "sl_basic__dataset": {"config": {"num_examples": 600}},

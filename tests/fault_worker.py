@@ -43,7 +43,7 @@ def materialize(spec: dict, root: Path) -> None:
     rows = lambda split, n: [(r["tokens"], r["weights"]) for r in pq.read_table(Path(spec["tokenized"]) / f"{split}.parquet").to_pylist()[:n]]  # noqa: E731
 
     def build(out: Path) -> dict:
-        client = LocalTorchBackend(device="cpu").create_training_client(Path(spec["base_model"]), 0, 0)
+        client = LocalTorchBackend(device="cpu", precision="fp32").create_training_client(Path(spec["base_model"]), 0, 0)
         steps, telemetry = train_sft(client, rows("train", 32), rows("test", 8), CONFIG, store.work_dir(FP), lambda _: None)
         return {**save_checkpoint(client, out, steps, telemetry, "train_mean_nll", "test/nll"),
                 "resumed_from_step": telemetry["resumed_from_step"]}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from dagster import DagsterInstance
 
-from conftest import TINY_RUN_CONFIG, run_job
+from conftest import PINNED_PRECISION, TINY_RUN_CONFIG, run_job
 from crucible_assets.train.sft import SftConfig
 from resources.store.artifact_store import ArtifactStore
 
@@ -24,7 +24,7 @@ UP_TO_CHECKPOINT = ["base/tokenizer", "base/tiny_llama", "sl_basic/base_model", 
 
 
 def checkpoint_config(nproc: int) -> dict:
-    return {"resources": {"backend": {"config": {"local": {"precision": "fp32"}}}}, "ops": {
+    return {"resources": PINNED_PRECISION, "ops": {
         "base__tiny_llama": TINY_RUN_CONFIG["ops"]["base__tiny_llama"],
         "sl_basic__dataset": {"config": {"num_examples": 200}},
         "sl_basic__checkpoint": {"config": {"max_steps": 6, "batch_size": 16, "eval_every": 3, "save_every": 3,

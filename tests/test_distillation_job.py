@@ -8,7 +8,7 @@ import json
 import pyarrow.parquet as pq
 from dagster import AssetKey, DagsterInstance
 
-from conftest import TINY_RUN_CONFIG, run_job
+from conftest import PINNED_PRECISION, TINY_RUN_CONFIG, run_job
 from resources.store.artifact_store import ArtifactStore
 from resources.store.registry import ModelRegistry
 
@@ -30,7 +30,7 @@ def run_distillation(teacher_dir: str, resources: dict | None = None):
     }
     job = defs.resolve_job_def("distillation")
     with DagsterInstance.get() as instance:
-        return job.execute_in_process(run_config={"ops": ops, **({"resources": resources} if resources else {})},
+        return job.execute_in_process(run_config={"ops": ops, "resources": resources or PINNED_PRECISION},
                                       instance=instance, asset_selection=SELECTION,
                                       raise_on_error=False)
 

@@ -19,8 +19,7 @@ def merged(overrides: dict) -> dict:
     for op, body in overrides.get("ops", {}).items():
         config["ops"].setdefault(op, {"config": {}})["config"].update(body["config"])
     config["ops"]["sl_basic__checkpoint"]["config"].update(max_steps=30, eval_every=15, save_every=15)
-    if "resources" in overrides:
-        config["resources"] = overrides["resources"]
+    config["resources"] = {**config["resources"], **overrides.get("resources", {})}
     return config
 
 

@@ -508,7 +508,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_save(populate
     store = ArtifactStore(root=str(tmp_path / "store"))
     source = ArtifactStore(root=str(crucible / "store"))
     rows = [(r["tokens"], r["weights"]) for r in pq.read_table(source.latest("sl_basic/tokenized").dir / "train.parquet").to_pylist()[:32]]
-    backend = LocalTorchBackend(device="cpu")
+    backend = LocalTorchBackend(device="cpu", precision="fp32")
     client = backend.create_training_client(source.latest("sl_basic/base_model").dir, 0, 0)
     real_fb = client.forward_backward
 
@@ -575,7 +575,7 @@ def test_full_filesystem_during_a_training_save_keeps_the_last_good_save(populat
     crucible, _ = populated
     source = ArtifactStore(root=str(crucible / "store"))
     rows = [(r["tokens"], r["weights"]) for r in pq.read_table(source.latest("sl_basic/tokenized").dir / "train.parquet").to_pylist()[:32]]
-    backend = LocalTorchBackend(device="cpu")
+    backend = LocalTorchBackend(device="cpu", precision="fp32")
     new_client = lambda: backend.create_training_client(source.latest("sl_basic/base_model").dir, 0, 0)  # noqa: E731
     probe = TrainConfig(max_steps=2, batch_size=4, save_every=1, eval_every=100, warmup_steps=0)
     train_sft(new_client(), rows, rows[:4], probe, tmp_path / "probe", lambda _: None)

@@ -36,7 +36,7 @@ def homes_after_run(tmp_path_factory):
     dagster.mkdir()
     (dagster / "dagster.yaml").write_text(RUN_AT_ONCE)
     config = copy.deepcopy(TINY_RUN_CONFIG)
-    config["resources"] = {"tracking": {"config": {"mlflow": True, "tensorboard": True}}}
+    config["resources"] = {**config["resources"], "tracking": {"config": {"mlflow": True, "tensorboard": True}}}
     with pytest.MonkeyPatch.context() as env:
         env.setenv("CRUCIBLE_HOME", str(crucible))
         env.setenv("DAGSTER_HOME", str(dagster))
