@@ -1,4 +1,4 @@
-"""Real servers for the scale-out tests, each on 127.0.0.1 at a free port and stopped after
+"""Real servers for the tests, each on 127.0.0.1 at a free port and stopped after
 the test: a throwaway PostgreSQL cluster (the Debian package `postgresql`; .ci/run installs
 it) and moto's S3-compatible server."""
 
@@ -10,12 +10,28 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from conftest import require_system_package
+
+
+def wait_for_http(proc, url: str, log: Path, within_s: float) -> None:
+    """Until `url` answers; fails with the server's log if it exits or misses the deadline
+    (a start-up deadline on busy cores, not a timing assertion)."""
+    deadline = time.time() + within_s
+    while True:
+        assert proc.poll() is None, f"the server exited:\n{log.read_text()[-3000:]}"
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return
+        except OSError:
+            assert time.time() < deadline, f"no answer from {url} within {within_s}s:\n{log.read_text()[-3000:]}"
+            time.sleep(1)
 
 
 def free_port() -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from browser import RECIPE_GROUPS, SCREENSHOTS, body_text, browser, dismiss_newsletter, wait_for  # noqa: F401
-from local_services import free_port
+from local_services import free_port, wait_for_http
 
 REPO = Path(__file__).resolve().parents[1]
 READY_WITHIN_S = 240  # a start-up deadline (two busy cores import torch-free Definitions), not a timing assertion
@@ -69,15 +69,7 @@ def test_dagster_dev_in_the_quickstart_shell_serves_the_ui_and_stops_on_ctrl_c(t
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + READY_WITHIN_S
-        while True:
-            assert proc.poll() is None, f"dagster dev exited:\n{log.read_text()[-3000:]}"
-            try:
-                urllib.request.urlopen(f"{url}/server_info", timeout=5)
-                break
-            except OSError:
-                assert time.time() < deadline, f"no UI on {url} within {READY_WITHIN_S}s:\n{log.read_text()[-3000:]}"
-                time.sleep(1)
+        wait_for_http(proc, f"{url}/server_info", log, READY_WITHIN_S)
         entries = graphql(url, LOCATION_QUERY)["data"]["workspaceOrError"]["locationEntries"]
         assert [(e["name"], e["locationOrLoadError"]["__typename"]) for e in entries] == [("crucible_jobs", "RepositoryLocation")]
         assert (tmp_path / ".dagster_home" / "dagster.yaml").is_file()  # the README's DAGSTER_HOME, under the shell's $PWD

@@ -11,14 +11,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from conftest import TINY_RUN_CONFIG, config_for, env_with, run_job
 from browser import RECIPE_GROUPS, SCREENSHOTS, body_text, browser, click_text, dismiss_newsletter, wait_for  # noqa: F401
-from local_services import free_port
+from local_services import free_port, wait_for_http
 
 REPO = Path(__file__).resolve().parents[1]
 # the webserver launches runs itself: no daemon here to dequeue them
@@ -67,15 +66,7 @@ def webserver(homes_after_run, tmp_path_factory):
                                 env=env_with(CRUCIBLE_HOME=str(crucible), DAGSTER_HOME=str(dagster)), start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + READY_WITHIN_S
-        while True:
-            assert proc.poll() is None, f"dagster-webserver exited:\n{log.read_text()[-3000:]}"
-            try:
-                urllib.request.urlopen(f"{url}/server_info", timeout=5)
-                break
-            except OSError:
-                assert time.time() < deadline, f"dagster-webserver not up in {READY_WITHIN_S}s:\n{log.read_text()[-3000:]}"
-                time.sleep(1)
+        wait_for_http(proc, f"{url}/server_info", log, READY_WITHIN_S)
         yield port, url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
