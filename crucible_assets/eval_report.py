@@ -14,7 +14,7 @@ from crucible_assets.evaluation import EvalConfig
 from crucible_assets.tokenizing import read_rows, read_stop
 from crucible_assets.train.algorithm import Algorithm, EvalRun
 from resources.backends.resource import TrainingBackendResource
-from resources.store.artifact_store import ArtifactRef, ArtifactStore
+from resources.store.artifact_store import ArtifactRef, ArtifactStore, fingerprint
 from resources.store.jsonl import read_jsonl
 
 
@@ -39,6 +39,13 @@ def worse_than_uniform(report: dict, vocab_size: int, recipe: str) -> str | None
             f"ops: {{{recipe}__base_model: {{config: {{base_model: <hub id or local HF dir>}}}}}} (docs/own_data.md)")
 
 
+def eval_set(held_out: str, eval_config: dict, code_version: str) -> dict:
+    """What a metric was measured on: the held-out shard's bytes, the eval config and the eval
+    code. Two models' values compare only when their `id`s are equal (registry promotion)."""
+    parts = {"held_out": held_out, "eval_config": eval_config, "eval_code_version": code_version}
+    return {"id": fingerprint(**parts), **parts}
+
+
 def eval_report_asset(recipe: str, algorithm: Algorithm, config_cls: type[EvalConfig]):
     @asset(key=key(recipe, "eval_report"), group_name=recipe, code_version=algorithm.eval_version, kinds={"json"},
            ins={"checkpoint": AssetIn(key=key(recipe, "checkpoint")), "tokenized": AssetIn(key=key(recipe, "tokenized")),
@@ -59,6 +66,8 @@ def eval_report_asset(recipe: str, algorithm: Algorithm, config_cls: type[EvalCo
             train_config = algorithm.train_config(**trained_with["config"])
             report = algorithm.evaluate(EvalRun(start, trained, read_rows(tokenized, "test"), config, train_config,
                                                 read_stop(tokenized), models))
+            report["eval_set"] = eval_set(store.manifest(tokenized.fingerprint)["files"]["test.parquet"],
+                                          config.model_dump(), algorithm.eval_version)
             summary = write_report(out, report, *algorithm.report_metric)
             if warning := worse_than_uniform(report, len(trained.tokenizer), recipe):
                 context.log.warning(warning)

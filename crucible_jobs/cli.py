@@ -76,6 +76,9 @@ def print_reproduction(ref: ArtifactRef, store: ArtifactStore, scratch_dir: str 
 
 
 def cmd_models(args, store, registry) -> int:
+    if args.json:  # per version: its eval set, metrics, aliases and promotion decision, as recorded
+        print(json.dumps(registry.models(), indent=1, sort_keys=True))
+        return 0
     for name, model in sorted(registry.models().items()):
         aliases = {}
         for alias, v in model["aliases"].items():
@@ -87,8 +90,9 @@ def cmd_models(args, store, registry) -> int:
             tag = ",".join(sorted(aliases.get(v["version"], [])))
             decision = v.get("decision")
             verdict = "" if decision is None else f"  gate: {'passed' if decision['passed'] else 'failed'}"
+            eval_set = f"  eval_set={v['eval_set'][:12]}" if v.get("eval_set") else ""
             print(f"  v{v['version']:<3} {tag:<24} {metric}={value if value is None else round(value, 4)}{verdict}"
-                  f"  data_version={v['content_hash']}  run={v['run_id']}")
+                  f"{eval_set}  data_version={v['content_hash']}  run={v['run_id']}")
     return 0
 
 
@@ -154,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the scratch directory after a passing reproduction")
     p.set_defaults(fn=cmd_audit)
     p = sub.add_parser("models", help="registry versions and aliases; promote/rollback move an alias by hand")
+    p.add_argument("--json", action="store_true", help="every version with its eval set, metrics and promotion decision")
     p.set_defaults(fn=cmd_models)
     moves = p.add_subparsers(dest="move")
     for move, target, fn in (("promote", "spec", cmd_promote), ("rollback", "name", cmd_rollback)):

@@ -96,9 +96,10 @@ print("GENERATED", repr(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=Tr
 
 @pytest.mark.slow
 def test_second_training_becomes_champion_only_by_the_margin(homes, capsys):
-    """Three trainings of sl_basic on different data: a short first one (champion by
-    default), a longer second one that beats it (promoted), a third that must beat the
-    champion by an impossible margin (rejected: the champion stays and the check says why)."""
+    """Trainings of sl_basic: a short first one (champion by default), a longer second one on
+    the same data that beats it (promoted), a third that must beat the champion by an
+    impossible margin (rejected: the champion stays and the check says why), and a fourth on
+    other data, whose eval set differs, so no comparison is made at all."""
     registry, store = ModelRegistry(), ArtifactStore()
     assert run_job("sl_basic", with_ops(sl_basic__checkpoint={"max_steps": 20})).success
     assert registry.resolve("sl_basic@champion")["version"] == 1
@@ -114,21 +115,34 @@ def test_second_training_becomes_champion_only_by_the_margin(homes, capsys):
     assert out.returncode == 0, out.stderr
     assert "GENERATED" in out.stdout
 
-    second = run_job("sl_basic", with_ops(sl_basic__dataset={"seed": 1}, sl_basic__registered_model={"promotion_margin": 0.01}))
+    second = run_job("sl_basic", with_ops(sl_basic__registered_model={"promotion_margin": 0.01}))
     v1, v2 = registry.resolve("sl_basic:1"), registry.resolve("sl_basic:2")
     assert v2["metrics"]["test/nll"] < v1["metrics"]["test/nll"] - 0.01
     assert second.success and gate_evaluation(second).passed
+    assert v2["eval_set"] == v1["eval_set"] and v2["eval_set"][:12] in gate_evaluation(second).description
     assert registry.models()["sl_basic"]["aliases"] == {"latest": 2, "staging": 2, "champion": 2}
-    assert v2["data_hashes"] != v1["data_hashes"] and v2["config_hash"] != v1["config_hash"]
+    assert v2["data_hashes"] == v1["data_hashes"] and v2["config_hash"] != v1["config_hash"]
     assert set(v2["lineage"]) >= {"fine_tuned_from", "datasets"}
 
-    third = run_job("sl_basic", with_ops(sl_basic__dataset={"seed": 2}, sl_basic__registered_model={"promotion_margin": 5.0}),
+    third = run_job("sl_basic", with_ops(sl_basic__checkpoint={"max_steps": 41}, sl_basic__registered_model={"promotion_margin": 5.0}),
                     raise_on_error=False)
     evaluation = gate_evaluation(third)
     assert not evaluation.passed and third.success  # registered, not promoted: a warning, not a failed run
     assert "does not beat champion v2" in evaluation.description and "margin 5.0" in evaluation.description
     assert evaluation.metadata["champion_now"].value == 2
     assert registry.models()["sl_basic"]["aliases"] == {"latest": 3, "staging": 3, "champion": 2}
+
+    # other data, so another held-out split: a better-looking number on it proves nothing against v2's
+    fourth = run_job("sl_basic", with_ops(sl_basic__dataset={"seed": 2}))
+    evaluation, v4 = gate_evaluation(fourth), registry.resolve("sl_basic:4")
+    assert fourth.success and not evaluation.passed and v4["eval_set"] != v2["eval_set"]
+    assert f"evaluated on eval set {v4['eval_set'][:12]} and champion v2 on {v2['eval_set'][:12]}" in evaluation.description
+    assert registry.models()["sl_basic"]["aliases"] == {"latest": 4, "staging": 4, "champion": 2}
+    capsys.readouterr()
+    assert crucible(["models", "--json"]) == 0
+    listed = {v["version"]: v for v in json.loads(capsys.readouterr().out)["sl_basic"]["versions"]}
+    assert listed[4]["eval_set"] == v4["eval_set"] and listed[4]["decision"]["eval_set"] is None
+    assert listed[2]["decision"]["eval_set"] == v1["eval_set"]
 
     capsys.readouterr()
     assert crucible(["models"]) == 0
@@ -151,8 +165,10 @@ def test_second_training_becomes_champion_only_by_the_margin(homes, capsys):
     report = capsys.readouterr().out
     nll = next(line for line in report.splitlines() if line.startswith("test/nll "))
     assert f"{v1['metrics']['test/nll']:.4f}" in nll and f"{v2['metrics']['test/nll'] - v1['metrics']['test/nll']:+.4f}" in nll
-    assert "  dataset.seed: 0 -> 1" in report and "  checkpoint.max_steps: 20 -> 40" in report
-    assert json.dumps(v1["data_hashes"]["sl_basic/dataset"])[1:-1] in report
+    assert "  checkpoint.max_steps: 20 -> 40" in report and "  data " not in report  # one dataset, two trainings
+    assert crucible(["compare", "sl_basic:2", "sl_basic:4"]) == 0
+    assert f"  data sl_basic/dataset: {v2['data_hashes']['sl_basic/dataset']} -> {v4['data_hashes']['sl_basic/dataset']}" \
+        in capsys.readouterr().out
 
 
 def test_compare_ci_widens_with_both_models_uncertainty():

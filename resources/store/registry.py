@@ -189,7 +189,15 @@ def _version(model: dict, name: str, number: int) -> dict:
 
 
 def _compare(candidate: dict, champion: dict, gate: dict) -> dict:
+    """Like with like only: two values of a metric compare when both were measured on one
+    eval set (the same held-out data, eval config and eval code); otherwise no verdict."""
     metric, margin, lower = gate["metric"], gate["margin"], gate["lower_is_better"]
+    mine, theirs = candidate.get("eval_set"), champion.get("eval_set")
+    if mine != theirs:
+        return {"passed": False, "champion_value": champion["metrics"].get(metric), "eval_set": None,
+                "reason": f"v{candidate['version']} was evaluated on eval set {_short(mine)} and champion "
+                          f"v{champion['version']} on {_short(theirs)}: their {metric} values do not compare, so the "
+                          "champion stays; evaluate both on one set, or promote by hand (crucible models promote)"}
     new, best = candidate["metrics"].get(metric), champion["metrics"].get(metric)
     if new is None or best is None:
         return {"passed": False, "champion_value": best,
@@ -197,9 +205,14 @@ def _compare(candidate: dict, champion: dict, gate: dict) -> dict:
     gain = best - new if lower else new - best
     better = "lower" if lower else "higher"
     verdict = "beats" if gain > margin else "does not beat"
-    return {"passed": gain > margin, "champion_value": best, "improvement": gain,
+    return {"passed": gain > margin, "champion_value": best, "improvement": gain, "eval_set": mine,
             "reason": f"v{candidate['version']} {verdict} champion v{champion['version']} on {metric} ({better} is better) "
-                      f"by more than the margin {margin}: {new:.4f} vs {best:.4f}, improvement {gain:+.4f}"}
+                      f"by more than the margin {margin}: {new:.4f} vs {best:.4f}, improvement {gain:+.4f}"
+                      + (f", both on eval set {_short(mine)}" if mine else "")}
+
+
+def _short(eval_set: str | None) -> str:
+    return eval_set[:12] if eval_set else "(not recorded)"
 
 
 def _event(event: str, name: str, version: int, reason: str, who: str | None = None, **extra) -> dict:
