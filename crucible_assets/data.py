@@ -58,8 +58,10 @@ def dataset_asset(recipe: str, config_cls: type[DatasetConfig], kind: DataKind):
             return {"rows": len(records), "train_rows": len(train), "test_rows": len(test), **({"notes": notes} if notes else {})}
 
         records_hash = hashlib.sha256((body["train"] + body["test"]).encode()).hexdigest()
-        return cached_artifact(context, store, config=config.model_dump(), upstream={},
-                               build=build, extra_inputs={"records_hash": records_hash})
+        # where the records came from is part of the bytes (sources.json), so of the fingerprint too
+        sources_hash = hashlib.sha256(json.dumps(provenance).encode()).hexdigest()
+        return cached_artifact(context, store, config=config.model_dump(), upstream={}, build=build,
+                               extra_inputs={"records_hash": records_hash, "sources_hash": sources_hash})
 
     return _dataset
 
