@@ -72,3 +72,21 @@ def test_default_chain_meets_acceptance(homes):
     dpo = report("dpo")
     assert dpo["test/pref_accuracy_delta_ci"][0] > 0 and dpo["test/accuracy_delta_ci"][0] > 0
     assert {m: len(v["versions"]) for m, v in ModelRegistry().models().items()} == {"sl_basic": 1, "chat_sl": 1, "dpo": 1}
+
+
+def test_bad_dpo_data_fails_the_run_before_any_training(homes, tmp_path):
+    """The dpo job's own data is bad (a pair whose chosen equals its rejected): the run fails
+    in the dataset stage, and no recipe of the chain trains first (sl_basic, chat_sl)."""
+    pairs = arithmetic_pairs(30, 0)
+    pairs[7] = {**pairs[7], "rejected": pairs[7]["chosen"]}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    config = copy.deepcopy(TINY_RUN_CONFIG)
+    config["ops"]["dpo__dataset"] = {"config": {"source": "jsonl", "path": str(path)}}
+    result = run_job("dpo", config, raise_on_error=False)
+    assert not result.success
+    failures = {e.step_key: e.event_specific_data.error.to_string() for e in result.all_events if e.event_type_value == "STEP_FAILURE"}
+    assert {"dpo__dataset", "dpo__dataset_checks"} & set(failures), failures
+    assert "sl_basic__checkpoint" in failures and "failed earlier in this run" in failures["sl_basic__checkpoint"]
+    refs = ArtifactStore().base / "refs"
+    assert not any((refs / recipe / "checkpoint.json").exists() for recipe in ("sl_basic", "chat_sl", "dpo"))

@@ -6,7 +6,7 @@ torchrun's processes instead (train/torchrun.py)."""
 
 from pathlib import Path
 
-from dagster import AssetExecutionContext, AssetIn, Output, asset
+from dagster import AssetExecutionContext, AssetIn, DagsterEventType, Output, asset
 
 from crucible_assets import plots
 from crucible_assets.caching import cached_artifact, key
@@ -21,6 +21,16 @@ from resources.tracking import TrackingResource
 
 
 MANY_EPOCHS = 20  # past this many passes over the data a run is more likely a typo in max_steps than a plan
+
+
+def refuse_after_failures(context: AssetExecutionContext) -> None:
+    """Fail fast: every dataset and its checks run before any training (they are roots of the
+    graph), so when one of them failed, training another recipe's chain first would only
+    delay the same failed run by minutes. Everything finished so far is cached for the re-run."""
+    failed = sorted({e.step_key for e in context.instance.all_logs(context.run_id, of_type=DagsterEventType.STEP_FAILURE)})
+    if failed:
+        raise RuntimeError(f"not training {context.asset_key.to_user_string()}: {', '.join(failed)} failed earlier in this "
+                           "run; fix that and run the job again (what finished is cached)")
 
 
 def too_many_epochs(config: TrainConfig, examples: int) -> str | None:
@@ -53,6 +63,7 @@ def checkpoint_asset(recipe: str, algorithm: Algorithm, config_cls: type[TrainCo
     def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
                     tracking: TrackingResource, **inputs: ArtifactRef) -> Output[ArtifactRef]:
         config.check(context.asset_key.to_user_string())
+        refuse_after_failures(context)
         upstream = {s: inputs[s] for s in stages}
         if warning := too_many_epochs(config, store.manifest(upstream["tokenized"].fingerprint)["summary"]["train_rows"]):
             context.log.warning(warning)
