@@ -66,30 +66,32 @@ def greedy_accuracy(client: TrainingClient, tokenizer, rows: list[dict], grader:
     return np.array([grader(a, r["reference"])[0] for a, r in zip(answers, rows)], dtype=float)
 
 
+def ratio_report(name: str, trained_i: np.ndarray, start_i: np.ndarray, per_i: np.ndarray, cfg: EvalConfig) -> dict:
+    """A metric that is a ratio of sums over examples (NLL per token, bits per byte), for both
+    models and their paired gain, each with a 95% bootstrap CI over the same resampled examples."""
+    def ratio(values):
+        return lambda idx: values[idx].sum() / per_i[idx].sum()
+
+    n = len(per_i)
+    gain = lambda idx: ratio(trained_i)(idx) - ratio(start_i)(idx)  # noqa: E731
+    ci = lambda f: bootstrap_ci(f, n, cfg.bootstrap_samples, cfg.seed)  # noqa: E731
+    everything = np.arange(n)
+    return {name: float(ratio(trained_i)(everything)), f"{name}_ci": ci(ratio(trained_i)),
+            f"start/{name}": float(ratio(start_i)(everything)), f"start/{name}_ci": ci(ratio(start_i)),
+            f"{name}_delta": float(gain(everything)), f"{name}_delta_ci": ci(gain)}
+
+
 def evaluate(start: TrainingClient, trained: TrainingClient, tokenizer, rows: list[dict], test_bytes: np.ndarray, cfg: EvalConfig,
              stop: list[str]) -> dict:
     """`stop`: the renderer's end-of-turn sequences; sampling ends there as a chat would."""
     examples = [(r["tokens"], r["weights"]) for r in rows]
     nll_s, count = nll_per_example(start, examples)
     nll_t, _ = nll_per_example(trained, examples)
-    n = len(rows)
-
-    def mean(nll):
-        return lambda idx: nll[idx].sum() / count[idx].sum()
-
-    diff = lambda idx: mean(nll_t)(idx) - mean(nll_s)(idx)  # noqa: E731
-    ci = lambda f: bootstrap_ci(f, n, cfg.bootstrap_samples, cfg.seed)  # noqa: E731
     report = {
-        "num_examples": n,
+        "num_examples": len(rows),
         "num_target_tokens": int(count.sum()),
-        "test/nll": float(nll_t.sum() / count.sum()),
-        "test/nll_ci": ci(mean(nll_t)),
-        "start/test/nll": float(nll_s.sum() / count.sum()),
-        "start/test/nll_ci": ci(mean(nll_s)),
-        "test/nll_delta": float(diff(np.arange(n))),
-        "test/nll_delta_ci": ci(diff),
-        "test/bits_per_byte": float(nll_t.sum() / math.log(2) / test_bytes.sum()),
-        "start/test/bits_per_byte": float(nll_s.sum() / math.log(2) / test_bytes.sum()),
+        **ratio_report("test/nll", nll_t, nll_s, count, cfg),  # nats per target token
+        **ratio_report("test/bits_per_byte", nll_t / math.log(2), nll_s / math.log(2), test_bytes, cfg),
     }
     return report | sampled_accuracy(start, trained, tokenizer, rows, cfg, stop)
 
@@ -111,7 +113,7 @@ def sampled_accuracy(start: TrainingClient, trained: TrainingClient, tokenizer, 
     return report
 
 
-NA = "n/a"  # shown where the report has no such statistic (e.g. bits_per_byte has no CI or paired gain)
+NA = "n/a"  # shown where the report has no such statistic (a metric reported without a CI or a paired gain)
 
 
 def sig4(x: float) -> float:

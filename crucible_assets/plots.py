@@ -32,6 +32,7 @@ def loss_curve(rows: list[dict], path: Path, train_key: str, eval_key: str) -> N
     evals = [r for r in rows if eval_key in r]
     ax.plot([r["step"] for r in evals], [r[eval_key] for r in evals], "o-", label=eval_key)
     ax.set_xlabel("step")
+    ax.set_ylabel(train_key if train_key.split("/")[-1] == eval_key.split("/")[-1] else f"{train_key} / {eval_key}")
     ax.legend()
     _save(fig, path)
 

@@ -527,3 +527,13 @@ def test_steps_far_beyond_the_data_are_called_out():
         "more data, or fewer steps?")
     assert too_many_epochs(TrainConfig(max_steps=300, batch_size=32), 1800) is None  # sl_basic's default: 5 passes
     assert too_many_epochs(TrainConfig(num_epochs=3, batch_size=32), 18) is None  # asked for by epochs
+
+
+def test_ratio_report_is_a_ratio_of_sums_with_paired_cis():
+    from crucible_assets.evaluation import EvalConfig, ratio_report
+
+    trained, start, tokens = np.array([1.0, 3.0, 2.0]), np.array([4.0, 4.0, 4.0]), np.array([1.0, 2.0, 1.0])
+    r = ratio_report("test/nll", trained, start, tokens, EvalConfig(bootstrap_samples=200))
+    assert r["test/nll"] == 6 / 4 and r["start/test/nll"] == 12 / 4 and r["test/nll_delta"] == 6 / 4 - 12 / 4
+    lo, hi = r["test/nll_delta_ci"]
+    assert lo <= r["test/nll_delta"] <= hi < 0  # every resample of these three examples gains

@@ -60,5 +60,5 @@ class Algorithm:
     stages: tuple[Callable[[str], Any], ...] = ()  # factories of the algorithm's own assets, given the recipe name
     plot_training_curve: bool = False  # the eval report also shows the checkpoint's training curve
     data_parallel: bool = False  # config.nproc_per_node > 1 trains under torchrun (train/torchrun.py)
-    checkpoint_version: str = "2"
+    checkpoint_version: str = "3"  # 3: the loss curve names its Y axis; bump when checkpoint bytes change for the same inputs
     eval_version: str = "1"  # bump when the eval report's bytes change for the same inputs
