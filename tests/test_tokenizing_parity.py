@@ -18,7 +18,7 @@ from crucible_assets.base import train_tokenizer
 import pyarrow.parquet as pq
 
 import crucible_assets.tokenizing as tokenizing
-from crucible_assets.rendering import RenderError, _prefix_len, _prompt_from_text, _Tails, layout, _role_colon_spans, _role_colon_text
+from crucible_assets.rendering import RenderError, _prompt_from_text, _Tails, layout
 from crucible_assets.tokenizing import Renderer, pair_row, problem_row, sft_row, tokenize_splits
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
@@ -30,6 +30,34 @@ MODES = ("last_assistant_message", "all_assistant_messages", "all_messages")
 
 def _template(tok, messages, add_generation_prompt):
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+# The oracle writes its own spec of the two renderings rather than importing the helpers it checks.
+def _prefix_len(text, prefix, i):
+    if not text.startswith(prefix):
+        raise RenderError(f"messages[:{i}] render differently inside the conversation")
+    return len(prefix)
+
+
+def _role_colon_text(messages):
+    """ "Role: content" turns joined by a blank line; (start, end, role) of each content."""
+    text, bodies = "", []
+    for m in messages:
+        label = ("\n\n" if text else "") + m["role"].capitalize() + ": "
+        bodies.append((len(text) + len(label) - 1, len(text) + len(label) + len(m["content"]), m["role"]))
+        text += label + m["content"]
+    return text, bodies
+
+
+def _role_colon_spans(messages, train_on_what):
+    """Weighted spans: the content (with its leading space) and, for a turn a user turn
+    follows (or the last turn, which ends in the stop sequence), the "\n\nUser:" ending it."""
+    text, bodies = _role_colon_text(messages)
+    stop = "\n\nUser:"
+    if messages[-1]["role"] == "assistant":
+        text += stop
+    return text, [(start, end + len(stop) if text[end:end + len(stop)] == stop else end)
+                  for start, end, role in bodies if train_on_what == "all_messages" or role == "assistant"]
 
 
 def oracle_render(tok, record, train_on_what="all_assistant_messages", renderer="chat_template"):
