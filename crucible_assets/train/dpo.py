@@ -35,8 +35,10 @@ REF_COLUMNS = ("chosen_logps", "chosen_tokens", "rejected_logps", "rejected_toke
 class DpoConfig(TrainConfig):
     beta: PositiveFinite = Field(default=0.1, description="strength of the implicit KL to the reference")
     loss_type: LossType = "sigmoid"
-    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = Field(default=0.0, description="sigmoid only: assumed label noise (conservative DPO)")
-    sft_weight: NonNegativeFloat = Field(default=0.0, description="weight of an added NLL term on the chosen completion (TRL's rpo_alpha)")
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = Field(default=0.0, description="sigmoid only: assumed label noise (cDPO, Mitchell 2023; "
+                                                                                        "TRL 1.16's sigmoid loss has no such term)")
+    sft_weight: NonNegativeFloat = Field(default=0.0, description="weight of an added NLL term on the chosen completion (RPO, Pang et al. "
+                                                                                  "2024; in TRL 1.16 the `sft` loss type beside `sigmoid`)")
 
 
 def dpo_loss(policy_chosen_P, policy_rejected_P, ref_chosen_P, ref_rejected_P, beta: float, loss_type: str,
