@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, multi_asset_check, asset_check
 
 from crucible_assets.caching import key
+from crucible_assets.gate import Gate
 from crucible_assets.tokenizing import record_origins
 from resources.store.artifact_store import ArtifactRef, ArtifactStore, fingerprint
 from resources.store.jsonl import read_jsonl
@@ -151,23 +152,20 @@ def recorded_verdict(store: ArtifactStore, dataset: ArtifactRef, names: tuple[st
     return store.verdict(fp), {}
 
 
-def eval_gate_check(recipe: str, metric: str, higher_is_better: bool):
-    """Blocks registration unless the 95% CI of the gate metric's paired gain (trained -
-    start) excludes zero on the good side."""
-    delta = f"{metric}_delta"
-    direction = "above" if higher_is_better else "below"
-
-    @asset_check(asset=key(recipe, "eval_report"), name="beats_starting_model", blocking=True,
-                 description=f"The 95% CI of {delta} (trained - start) lies entirely {direction} zero.")
+def eval_gate_check(recipe: str, gate: Gate):
+    """Blocks registration unless the eval report passes the recipe's gate (crucible_assets/gate.py)."""
+    @asset_check(asset=key(recipe, "eval_report"), name="beats_starting_model", blocking=True, description=gate.describe())
     def _gate(context: AssetCheckExecutionContext, store: ArtifactStore) -> AssetCheckResult:
         ref = store.latest_verified(key(recipe, "eval_report").to_user_string())
         report = json.loads((ref.dir / "report.json").read_text())
-        lo, hi = report[f"{delta}_ci"]
-        passed = lo > 0 if higher_is_better else hi < 0
-        verdict = (f"{recipe}: {delta} {report[delta]:.4g}, 95% CI [{lo:.4g}, {hi:.4g}]: "
-                   + ("better than the starting model" if passed else f"not entirely {direction} zero, so not registered"))
+        passed, lines = gate.judge(report)
+        verdict = f"{recipe}: " + "; ".join(lines) + ("" if passed else ", so not registered")
         (context.log.info if passed else context.log.error)(verdict)
-        return AssetCheckResult(passed=passed, description=verdict, metadata={delta: report[delta], "ci_low": lo, "ci_high": hi})
+        judged = [gate.metric, *(g.metric for g in gate.guards)]
+        return AssetCheckResult(passed=passed, description=verdict,
+                                metadata={f"{m}_delta{part}": value for m in judged
+                                          for part, value in (("", report[f"{m}_delta"]), ("_ci_low", report[f"{m}_delta_ci"][0]),
+                                                              ("_ci_high", report[f"{m}_delta_ci"][1]))})
 
     return _gate
 

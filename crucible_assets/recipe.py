@@ -13,6 +13,7 @@ from dagster import AssetSelection, Definitions, ExecutorDefinition, define_asse
 from crucible_assets.checks import dataset_checks, eval_gate_check, length_check, promotion_gate_check
 from crucible_assets.data import TokenizeConfig, dataset_asset, tokenized_asset
 from crucible_assets.eval_report import eval_report_asset
+from crucible_assets.gate import Gate, Guard  # noqa: F401 (recipes state their gates with these)
 from crucible_assets.evaluation import EvalConfig
 from crucible_assets.registration import registered_model_asset
 from crucible_assets.starting_model import starting_model_asset
@@ -20,14 +21,6 @@ from crucible_assets.train.algorithm import Algorithm
 from crucible_assets.train.checkpoint import checkpoint_asset
 from crucible_assets.train.loop import TrainConfig
 from resources.datasets.sources import DatasetConfig
-
-
-@dataclass(frozen=True)
-class Gate:
-    """The eval-report metric a model must improve on its start (the 95% CI of the paired gain
-    on the good side of zero) to be registered, and beat the champion on to be promoted."""
-    metric: str
-    higher_is_better: bool
 
 
 @dataclass(frozen=True)
@@ -91,7 +84,7 @@ def recipe_assets(recipe: Recipe) -> list:
 
 def recipe_checks(recipe: Recipe) -> list:
     return [dataset_checks(recipe.name, recipe.algorithm.data_kind), length_check(recipe.name),
-            eval_gate_check(recipe.name, recipe.gate.metric, recipe.gate.higher_is_better), promotion_gate_check(recipe.name)]
+            eval_gate_check(recipe.name, recipe.gate), promotion_gate_check(recipe.name)]
 
 
 # The job's default run config, merged under a user's `-c`: the terminal shows INFO and up

@@ -9,7 +9,7 @@ from pydantic import NonNegativeFloat, NonNegativeInt, PositiveInt
 
 from crucible_assets.data import MaxLength, TokenizeConfig
 from crucible_assets.evaluation import EvalConfig
-from crucible_assets.recipe import Gate, Recipe
+from crucible_assets.recipe import Gate, Guard, Recipe
 from crucible_assets.rendering import TrainOn
 from crucible_assets.train import dpo
 from crucible_assets.train.loop import PositiveFinite
@@ -49,6 +49,7 @@ RECIPE = Recipe(
     tokenize=DpoTokenize,
     train=DpoTrain,
     evaluate=DpoEval,
-    gate=Gate("test/pref_accuracy", higher_is_better=True),
+    # preferences may not be learnt at the expense of answering: greedy accuracy no worse than -0.02
+    gate=Gate("test/pref_accuracy", higher_is_better=True, guards=(Guard("test/accuracy", margin=0.02),)),
     lineage_edge="dpo_trained_from",
 )

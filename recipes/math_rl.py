@@ -10,7 +10,7 @@ and MATH load through `datasets` (examples/math_rl.yaml)."""
 from pydantic import NonNegativeInt, PositiveInt
 
 from crucible_assets.data import MaxLength, TokenizeConfig
-from crucible_assets.recipe import Gate, Recipe
+from crucible_assets.recipe import Gate, Guard, Recipe
 from crucible_assets.train import rl
 from crucible_assets.train.loop import LrSchedule, PositiveFinite
 from resources.datasets.sources import DatasetConfig, Generator
@@ -44,6 +44,7 @@ RECIPE = Recipe(
     dataset=MathRlDataset,
     tokenize=MathRlTokenize,
     train=MathRlTrain,
-    gate=Gate("test/sample_accuracy", higher_is_better=True),
+    # sampling better may not cost the greedy answer: greedy accuracy no worse than -0.02
+    gate=Gate("test/sample_accuracy", higher_is_better=True, guards=(Guard("test/accuracy", margin=0.02),)),
     lineage_edge="rl_trained_from",
 )

@@ -5,6 +5,7 @@ re-run."""
 import json
 
 from conftest import TINY_RUN_CONFIG, run_job
+from recipes.math_rl import RECIPE as MATH_RL
 from resources.store.artifact_store import ArtifactStore
 from resources.store.registry import ModelRegistry
 from test_sl_basic_job import cached_flags, data_versions
@@ -26,9 +27,9 @@ def test_math_rl_chain_metrics_report_and_gate(homes):
     assert {"test/accuracy", "start/test/accuracy", "test/pass@2", "test/accuracy_delta_ci"} <= set(report)
     base = store.manifest(store.latest("math_rl/base_model").fingerprint)
     assert [u["key"] for u in base["upstream"]] == ["sl_basic/registered_model"]
-    # the blocking gate alone decides whether a version is registered
+    # the blocking gate alone decides whether a version is registered: its primary metric and its guard
     registered = "math_rl" in ModelRegistry().models()
-    assert registered == _gate_passed(first) == (report["test/accuracy_delta_ci"][0] > 0) == first.success
+    assert registered == _gate_passed(first) == MATH_RL.gate.judge(report)[0] == first.success
     if registered:
         assert ModelRegistry().resolve("math_rl")["lineage"]["rl_trained_from"]["model"] == "sl_basic:1"
 

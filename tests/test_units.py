@@ -537,3 +537,19 @@ def test_ratio_report_is_a_ratio_of_sums_with_paired_cis():
     assert r["test/nll"] == 6 / 4 and r["start/test/nll"] == 12 / 4 and r["test/nll_delta"] == 6 / 4 - 12 / 4
     lo, hi = r["test/nll_delta_ci"]
     assert lo <= r["test/nll_delta"] <= hi < 0  # every resample of these three examples gains
+
+
+def test_gate_needs_the_primary_gain_and_no_guard_regression():
+    from crucible_assets.gate import Gate, Guard
+
+    gate = Gate("test/sample_accuracy", higher_is_better=True, guards=(Guard("test/accuracy", margin=0.02),))
+    report = {"test/sample_accuracy_delta": 0.07, "test/sample_accuracy_delta_ci": [0.05, 0.09],
+              "test/accuracy_delta": -0.01, "test/accuracy_delta_ci": [-0.019, 0.0]}
+    assert gate.judge(report)[0]  # a gain, and a guard within its margin
+    regressed = report | {"test/accuracy_delta": -0.05, "test/accuracy_delta_ci": [-0.09, -0.015]}
+    passed, lines = gate.judge(regressed)  # the math_rl case: greedy 0.94 -> 0.89
+    assert not passed and lines[1] == "guard test/accuracy_delta -0.05, 95% CI [-0.09, -0.015]: worse than -0.02: a regression"
+    assert not gate.judge(report | {"test/sample_accuracy_delta_ci": [-0.01, 0.09]})[0]  # no primary gain
+    nll = Gate("test/nll", higher_is_better=False)
+    assert nll.judge({"test/nll_delta": -1.0, "test/nll_delta_ci": [-1.2, -0.8]})[0]
+    assert "above zero; test/accuracy_delta's CI no worse than -0.02" in gate.describe()
