@@ -161,11 +161,9 @@ def eval_gate_check(recipe: str, gate: Gate):
         passed, lines = gate.judge(report)
         verdict = f"{recipe}: " + "; ".join(lines) + ("" if passed else ", so not registered")
         (context.log.info if passed else context.log.error)(verdict)
-        judged = [gate.metric, *(g.metric for g in gate.guards)]
+        judged = [f"{m}_delta" for m in (gate.metric, *(g.metric for g in gate.guards))]
         return AssetCheckResult(passed=passed, description=verdict,
-                                metadata={f"{m}_delta{part}": value for m in judged
-                                          for part, value in (("", report[f"{m}_delta"]), ("_ci_low", report[f"{m}_delta_ci"][0]),
-                                                              ("_ci_high", report[f"{m}_delta_ci"][1]))})
+                                metadata={**{d: report[d] for d in judged}, **{f"{d}_ci": report[f"{d}_ci"] for d in judged}})
 
     return _gate
 

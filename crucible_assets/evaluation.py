@@ -14,6 +14,7 @@ from resources.backends.types import SamplingParams, TrainingClient
 from resources.datasets.graders import grade_conversation
 
 Grader = Callable[[str, str], tuple[bool, bool]]  # (completion, reference) -> (correct, formatted)
+Statistic = Callable[[np.ndarray], float]  # a metric of the examples at these indices
 
 
 class EvalConfig(Config):
@@ -38,17 +39,24 @@ def bootstrap_ci(stat, n: int, samples: int, seed: int) -> tuple[float, float]:
     return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
 
+def statistic_report(name: str, trained: Statistic, start: Statistic, gain: Statistic, n: int, cfg: EvalConfig) -> dict:
+    """A metric for both models and their paired gain, each a statistic of the example
+    indices, with a 95% bootstrap CI over the same resampled examples."""
+    ci = lambda stat: bootstrap_ci(stat, n, cfg.bootstrap_samples, cfg.seed)  # noqa: E731
+    everything = np.arange(n)
+    return {name: float(trained(everything)), f"{name}_ci": ci(trained),
+            f"start/{name}": float(start(everything)), f"start/{name}_ci": ci(start),
+            f"{name}_delta": float(gain(everything)), f"{name}_delta_ci": ci(gain)}
+
+
 def paired_report(per_example: dict[str, tuple[np.ndarray, np.ndarray]], cfg: EvalConfig) -> dict:
-    """For each metric's per-example values (trained, start): both means and the mean gain,
-    each with a 95% bootstrap CI over the same resampled examples (paired)."""
-    report = {}
-    for name, (trained_i, start_i) in per_example.items():
-        ci = lambda v: bootstrap_ci(lambda idx: v[idx].mean(), len(v), cfg.bootstrap_samples, cfg.seed)  # noqa: E731
-        gain = trained_i - start_i
-        report |= {name: float(trained_i.mean()), f"{name}_ci": ci(trained_i),
-                   f"start/{name}": float(start_i.mean()), f"start/{name}_ci": ci(start_i),
-                   f"{name}_delta": float(gain.mean()), f"{name}_delta_ci": ci(gain)}
-    return report
+    """For each metric's per-example values (trained, start): both means and the mean gain."""
+    def mean(values):
+        return lambda idx: values[idx].mean()
+
+    return {k: v for name, (trained_i, start_i) in per_example.items()
+            for k, v in statistic_report(name, mean(trained_i), mean(start_i), mean(trained_i - start_i),
+                                         len(trained_i), cfg).items()}
 
 
 def greedy_answers(client: TrainingClient, tokenizer, rows: list[dict], max_tokens: int, stop: list[str], seed: int) -> list[str]:
@@ -67,18 +75,12 @@ def greedy_accuracy(client: TrainingClient, tokenizer, rows: list[dict], grader:
 
 
 def ratio_report(name: str, trained_i: np.ndarray, start_i: np.ndarray, per_i: np.ndarray, cfg: EvalConfig) -> dict:
-    """A metric that is a ratio of sums over examples (NLL per token, bits per byte), for both
-    models and their paired gain, each with a 95% bootstrap CI over the same resampled examples."""
+    """A metric that is a ratio of sums over examples (NLL per token, bits per byte)."""
     def ratio(values):
         return lambda idx: values[idx].sum() / per_i[idx].sum()
 
-    n = len(per_i)
     gain = lambda idx: ratio(trained_i)(idx) - ratio(start_i)(idx)  # noqa: E731
-    ci = lambda f: bootstrap_ci(f, n, cfg.bootstrap_samples, cfg.seed)  # noqa: E731
-    everything = np.arange(n)
-    return {name: float(ratio(trained_i)(everything)), f"{name}_ci": ci(ratio(trained_i)),
-            f"start/{name}": float(ratio(start_i)(everything)), f"start/{name}_ci": ci(ratio(start_i)),
-            f"{name}_delta": float(gain(everything)), f"{name}_delta_ci": ci(gain)}
+    return statistic_report(name, ratio(trained_i), ratio(start_i), gain, len(per_i), cfg)
 
 
 def evaluate(start: TrainingClient, trained: TrainingClient, tokenizer, rows: list[dict], test_bytes: np.ndarray, cfg: EvalConfig,

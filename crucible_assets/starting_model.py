@@ -25,18 +25,19 @@ class BaseModelConfig(Config):
                                                             "versions, an alias (champion, latest, staging) or a version number")
 
 
-def registered_start(registry: ModelRegistry, store: ArtifactStore, recipe: str, which: str) -> dict:
-    """The registry entry a chain starts from: by default the champion, so a version that did
-    not beat it (registered, but not promoted) is not what the next recipe builds on."""
+def registered_start(registry: ModelRegistry, store: ArtifactStore, recipe: str, which: str) -> tuple[dict, ArtifactRef]:
+    """The registry entry a chain starts from, and its artifact: by default the champion, so a
+    version that did not beat it (registered, but not promoted) is not what the next recipe
+    builds on."""
     spec = f"{recipe}:{which}" if which.isdigit() else f"{recipe}@{which}"
     try:
         entry = registry.resolve(spec)
     except KeyError as e:
         raise ValueError(f"cannot start from {spec}: {e.args[0]}; run the {recipe} job first, or set registered: "
                          "latest (or a version number) in this op's config") from None
-    if store.lookup(entry["fingerprint"]) is None:
+    if (ref := store.lookup(entry["fingerprint"])) is None:
         raise FileNotFoundError(f"{spec} (fingerprint {entry['fingerprint']}) is in the registry but not in the store")
-    return entry
+    return entry, ref
 
 
 def starting_model_asset(recipe: str, start_from: str | None = None, stage: str = "base_model", base: str = "tiny_llama"):
@@ -52,8 +53,8 @@ def starting_model_asset(recipe: str, start_from: str | None = None, stage: str 
     def _starting_model(context: AssetExecutionContext, config: BaseModelConfig, store: ArtifactStore,
                         registry: ModelRegistry) -> Output[ArtifactRef]:
         if config.base_model == EMBEDDED:
-            entry = registered_start(registry, store, start_from, config.registered) if start_from else None
-            start = store.lookup(entry["fingerprint"]) if entry else store.latest(start_key.to_user_string())
+            entry, start = (registered_start(registry, store, start_from, config.registered) if start_from
+                            else (None, store.latest(start_key.to_user_string())))
             source = store.open_verified(start)
             source_hash = start.content_hash  # verified just now: hash_tree(source) would give the same
         else:
