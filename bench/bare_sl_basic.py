@@ -22,7 +22,8 @@ def main(root: Path, run_config: dict) -> None:
     from crucible_assets.train.sft import evaluate_sft, train_sft
     from recipes.sl_basic import SlBasicDataset, SlBasicEval, SlBasicTokenize, SlBasicTrain
     from resources.backends.local.backend import LocalTorchBackend
-    from resources.datasets.sources import load_records, split_records, validate_record
+    from resources.datasets.sources import load_records, validate_record
+    from resources.datasets.splits import split_records
     from resources.store.jsonl import to_jsonl
 
     ops = run_config.get("ops", {})

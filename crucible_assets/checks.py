@@ -15,6 +15,7 @@ from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeve
 from crucible_assets.caching import key
 from crucible_assets.gate import Gate
 from crucible_assets.tokenizing import record_origins
+from resources.datasets.splits import record_identity
 from resources.store.artifact_store import ArtifactRef, ArtifactStore, fingerprint
 from resources.store.jsonl import read_jsonl
 from resources.store.registry import ModelRegistry
@@ -26,31 +27,32 @@ logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 # Part of every recorded dataset verdict's fingerprint: bump it when _row or validate changes
 # what a verdict means, so no verdict of the old code is reused.
-DATASET_CHECKS_VERSION = "2"  # 2: results keep the offending rows' indices
-BASIC_CHECKS = ("schema", "non_empty", "no_nulls", "trainable_records")
+DATASET_CHECKS_VERSION = "3"  # 2: results keep the offending rows' indices; 3: held_out_disjoint
+BASIC_CHECKS = ("schema", "non_empty", "no_nulls", "trainable_records", "held_out_disjoint")
 CHAT_CHECKS = BASIC_CHECKS + ("roles_valid", "alternation", "no_empty_assistant_turns")
 CHECKS_BY_KIND = {
     "conversations": CHAT_CHECKS,
     "pairs": CHAT_CHECKS + ("shared_prompt", "chosen_differs_from_rejected", "non_empty_completions"),
     "problems": BASIC_CHECKS,  # trainable: question and answer both non-empty
 }
-COLUMNS = ["split", "body", "assistant_chars", "text_chars", "roles", "empty_assistant_turns"]
+COLUMNS = ["split", "body", "identity", "assistant_chars", "text_chars", "roles", "empty_assistant_turns"]
 ROLE = "(?:system|user|assistant|tool)"
 # system prompts first, then user turns each answered by the assistant (tool results in between)
 ALTERNATION = r"^(?:system,)*user,assistant(?:,tool,assistant)*(?:,user,assistant(?:,tool,assistant)*)*$"
 
 
 def _row(split: str, r: dict) -> dict:
-    """Columns for a conversation, a document or a problem; for a pair, the chosen
-    conversation plus how it relates to the rejected one."""
+    """Columns for a conversation, a document or a problem (each with its held-out identity);
+    for a pair, the chosen conversation plus how it relates to the rejected one."""
     if "question" in r:
-        return {"split": split, "body": json.dumps(r, sort_keys=True), "assistant_chars": None,
+        return {"split": split, "body": json.dumps(r, sort_keys=True), "identity": record_identity(r), "assistant_chars": None,
                 "text_chars": min(len(r["question"].strip()), len(r["answer"].strip())), "roles": None, "empty_assistant_turns": None}
     messages = r.get("messages") or r.get("chosen") or []
     assistant = [m["content"].strip() for m in messages if m["role"] == "assistant"]
     row = {
         "split": split,
         "body": json.dumps(r, sort_keys=True) if messages else r.get("text"),
+        "identity": record_identity(r),
         "assistant_chars": sum(map(len, assistant)) if messages else None,
         "text_chars": len(r["text"].strip()) if "text" in r else None,
         "roles": ",".join(m["role"] for m in messages) if messages else None,
@@ -77,6 +79,9 @@ def validate(df: "pd.DataFrame") -> dict[str, tuple[bool, dict]]:
 
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    # a held-out row whose identity (normalised prompt or question) is also trained on
+    trained = set(df.loc[df["split"] == "train", "identity"])
+    df = df.assign(held_out_leak=(df["split"] != "train") & df["identity"].isin(trained))
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)  # a bar per expectation buries the run log
     batch = (context.data_sources.add_pandas("crucible").add_dataframe_asset("records")
@@ -87,6 +92,7 @@ def validate(df: "pd.DataFrame") -> dict[str, tuple[bool, dict]]:
                   + [gxe.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "test"])],
         "non_empty": [gxe.ExpectTableRowCountToBeBetween(min_value=2)],
         "no_nulls": [gxe.ExpectColumnValuesToNotBeNull(column="body")],
+        "held_out_disjoint": [gxe.ExpectColumnValuesToBeInSet(column="held_out_leak", value_set=[False])],
         "trainable_records": [gxe.ExpectColumnValuesToBeBetween(column=trainable_col, min_value=1)],
         # null (text records) is skipped by GX's column-map expectations
         "roles_valid": [gxe.ExpectColumnValuesToMatchRegex(column="roles", regex=f"^{ROLE}(?:,{ROLE})*$")],

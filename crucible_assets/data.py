@@ -14,7 +14,8 @@ from crucible_assets.rendering import RendererName, TrainOn
 from crucible_assets.tokenizing import SOURCES, OverlongPolicy, tokenize_splits
 from resources.datasets.pairs import validate_pair
 from resources.datasets.problems import validate_problem
-from resources.datasets.sources import DatasetConfig, load_records, split_records, validate_record
+from resources.datasets.sources import DatasetConfig, load_records, validate_record
+from resources.datasets.splits import record_identity, split_records
 from resources.hf_io import load_tokenizer
 from resources.store.artifact_store import ArtifactRef, ArtifactStore
 from resources.store.jsonl import to_jsonl
@@ -37,17 +38,24 @@ class TokenizeConfig(Config):
 
 
 def dataset_asset(recipe: str, config_cls: type[DatasetConfig], kind: DataKind):
-    @asset(key=key(recipe, "dataset"), group_name=recipe, code_version="2", kinds={"json", "great_expectations"},
+    @asset(key=key(recipe, "dataset"), group_name=recipe, code_version="3", kinds={"json", "great_expectations"},
            description="The training records, read from the configured source (a generated task, a local JSONL/Parquet "
-                       "file or a hub dataset), validated, split into train and held-out test. Great Expectations "
-                       "checks block the rest of the recipe when the data are malformed.")
+                       "file or a hub dataset), validated, split into train and held-out test by item (a held-out prompt or "
+                       "question is never trained on, and is tested once). Great Expectations checks block the rest of "
+                       "the recipe when the data are malformed or the held-out items leak into train.")
     def _dataset(context: AssetExecutionContext, config: config_cls, store: ArtifactStore) -> Output[ArtifactRef]:
         notes: list[str] = []  # what the loader did that the user did not spell out (a cap, dropped records)
         sources: list[str] = []  # the user's file and line of each record, so later errors can name them
         records = load_records(config, VALIDATORS[kind], notes, sources)  # raises on bad input before anything is written
         for note in notes:
             context.log.info(note)
-        train, test = split_records(list(zip(records, sources)), config.test_fraction, config.seed)
+        train, test = split_records(list(zip(records, sources)), config.test_fraction, config.seed,
+                                    identity=lambda record_and_source: record_identity(record_and_source[0]))
+        items = {"train_items": len({record_identity(r) for r, _ in train}), "test_items": len(test),
+                 "test_repeats_dropped": len(records) - len(train) - len(test)}
+        context.log.info(f"held out {items['test_items']} of {items['train_items'] + items['test_items']} distinct items "
+                         f"(test_fraction {config.test_fraction}); {items['test_repeats_dropped']} repeats of held-out items "
+                         "dropped, so each is tested once and none is trained on")
         body = {"train": to_jsonl([r for r, _ in train]), "test": to_jsonl([r for r, _ in test])}
         provenance = {"train": [s for _, s in train], "test": [s for _, s in test]}
 
@@ -55,7 +63,8 @@ def dataset_asset(recipe: str, config_cls: type[DatasetConfig], kind: DataKind):
             for split, text in body.items():
                 (out / f"{split}.jsonl").write_text(text)
             (out / SOURCES).write_text(json.dumps(provenance, indent=0))
-            return {"rows": len(records), "train_rows": len(train), "test_rows": len(test), **({"notes": notes} if notes else {})}
+            return {"rows": len(records), "train_rows": len(train), "test_rows": len(test), **items,
+                    **({"notes": notes} if notes else {})}
 
         records_hash = hashlib.sha256((body["train"] + body["test"]).encode()).hexdigest()
         # where the records came from is part of the bytes (sources.json), so of the fingerprint too

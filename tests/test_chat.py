@@ -17,7 +17,8 @@ from crucible_assets.base import build_tiny_llama, train_tokenizer
 from crucible_assets.checks import validate
 from crucible_assets.rendering import RenderError, prompt_and_reference, render, stop_sequences
 from resources.datasets.synthetic import arithmetic_chats
-from resources.datasets.sources import DatasetConfig, DatasetError, load_records, split_records
+from resources.datasets.sources import DatasetConfig, DatasetError, load_records
+from resources.datasets.splits import record_identity, split_records
 from resources.backends.local.backend import LocalTorchBackend
 from resources.backends.local.packing import pack, padding_fraction
 from resources.backends.types import Datum
@@ -280,7 +281,8 @@ def test_synthetic_chats_are_seeded_multi_turn():
 
 def _frame(conversations):
     return pd.DataFrame([{
-        "split": "train", "body": json.dumps(c), "assistant_chars": sum(len(m["content"].strip()) for m in c if m["role"] == "assistant"),
+        "split": "train", "body": json.dumps(c), "identity": record_identity({"messages": c}),
+        "assistant_chars": sum(len(m["content"].strip()) for m in c if m["role"] == "assistant"),
         "text_chars": None, "roles": ",".join(m["role"] for m in c),
         "empty_assistant_turns": sum(not m["content"].strip() for m in c if m["role"] == "assistant"),
     } for c in conversations])

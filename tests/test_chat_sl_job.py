@@ -71,7 +71,8 @@ def test_readme_override_trains_on_local_conversations(homes, monkeypatch):
     assert result.success
     dataset = ArtifactStore().latest("chat_sl/dataset").dir
     rows = [json.loads(line) for split in ("train", "test") for line in (dataset / f"{split}.jsonl").read_text().splitlines()]
-    assert len(rows) == 240 and all(len(r["messages"]) >= 4 for r in rows)
+    repeats = ArtifactStore().manifest(ArtifactStore().latest("chat_sl/dataset").fingerprint)["summary"]["test_repeats_dropped"]
+    assert len(rows) + repeats == 240 and all(len(r["messages"]) >= 4 for r in rows)
 
 
 def _failed_step(result):
@@ -79,7 +80,12 @@ def _failed_step(result):
     return failure.step_key, failure.event_specific_data.error.to_string()
 
 
-GOOD = {"messages": [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "1 + 1 = 2"}]}
+def good(i: int) -> dict:
+    """A distinct question per record: the split holds out items, so a file of one question has nothing to train on."""
+    return {"messages": [{"role": "user", "content": f"What is {i} + 1?"}, {"role": "assistant", "content": f"{i} + 1 = {i + 1}"}]}
+
+
+GOOD = [good(i) for i in range(25)]
 
 
 def _run_on(tmp_path, records, **tokenize):
@@ -92,7 +98,7 @@ def _run_on(tmp_path, records, **tokenize):
 
 def test_example_with_nothing_to_train_fails_loudly(homes, tmp_path):
     long_question = {"messages": [{"role": "user", "content": "Please " * 80 + "say hi."}, {"role": "assistant", "content": "Hi"}]}
-    result = _run_on(tmp_path, [GOOD] * 20 + [long_question] + [GOOD] * 5, max_length=48, train_on_what="last_assistant_message",
+    result = _run_on(tmp_path, GOOD[:20] + [long_question] + GOOD[20:], max_length=48, train_on_what="last_assistant_message",
                      overlong="error")
     assert not result.success
     step, message = _failed_step(result)
@@ -103,8 +109,8 @@ def test_example_with_nothing_to_train_fails_loudly(homes, tmp_path):
 
 
 def test_conversation_ending_on_a_user_turn_is_blocked_by_the_checks(homes, tmp_path):
-    ends_with_user = {"messages": GOOD["messages"] + [{"role": "user", "content": "Thanks"}]}
-    result = _run_on(tmp_path, [GOOD] * 20 + [ends_with_user] + [GOOD] * 5)
+    ends_with_user = {"messages": good(99)["messages"] + [{"role": "user", "content": "Thanks"}]}
+    result = _run_on(tmp_path, GOOD[:20] + [ends_with_user] + GOOD[20:])
     assert not result.success
     step, message = _failed_step(result)
     assert step == "chat_sl__dataset_checks"  # the alternation check is blocking

@@ -30,7 +30,8 @@ def test_documented_overrides_file_runs(homes, monkeypatch):
     assert result.success
     dataset = ArtifactStore().latest("sl_basic/dataset").dir
     rows = (dataset / "train.jsonl").read_text().splitlines() + (dataset / "test.jsonl").read_text().splitlines()
-    assert len(rows) == 300 and json.loads(rows[0])["messages"][0]["role"] == "system"
+    repeats = ArtifactStore().manifest(ArtifactStore().latest("sl_basic/dataset").fingerprint)["summary"]["test_repeats_dropped"]
+    assert len(rows) + repeats == 300 and json.loads(rows[0])["messages"][0]["role"] == "system"
 
 
 def test_local_model_dir_text_records_via_datasets_and_lora(homes, tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import codecs
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
@@ -38,7 +37,8 @@ class DatasetConfig(Config):
     hf_revision: str = Field(default="", description="hf: git revision to pin")
     data_files: list[str] = Field(default=[], description="hf: data files (e.g. local json/parquet)")
     num_examples: NonNegativeInt = Field(default=2000, description="synthetic: records to generate; files: cap (0 = all)")
-    test_fraction: float = Field(default=0.1, description="held-out share, chosen by a seeded shuffle")
+    test_fraction: float = Field(default=0.1, description="share of the distinct items (normalised prompt or question) "
+                                                          "held out by a seeded shuffle; each is tested once, never trained on")
     seed: int = 0
 
 
@@ -269,18 +269,3 @@ def _text_content(content: Any, fail) -> str:
         return "".join(texts)
     raise fail(f"expected a string or a list of text parts, got {type(content).__name__}")
 
-
-def split_records(records: list[dict], test_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    import random
-
-    if not 0 < test_fraction < 1 or math.isnan(test_fraction):
-        raise DatasetError(f"dataset config: field 'test_fraction': {test_fraction} is not in (0, 1)")
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n_test = max(1, round(len(records) * test_fraction))
-    if n_test >= len(records):
-        raise DatasetError(f"dataset config: {len(records)} records leave nothing to train on after the test split")
-    test_ids = set(order[:n_test])
-    train = [r for i, r in enumerate(records) if i not in test_ids]
-    test = [r for i, r in enumerate(records) if i in test_ids]
-    return train, test

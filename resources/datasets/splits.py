@@ -1,0 +1,69 @@
+"""Train/test splits by item identity, so a held-out item is one the model never trained on.
+
+A record's identity is what the model is asked: a problem's question, a pair's shared
+prompt, a conversation's prompt (every message before its last assistant message), or a
+document's text, normalised (case-folded, whitespace collapsed). Synthetic generators sample
+with replacement from small item spaces and user files repeat prompts, so splitting records
+would put the same question on both sides; splitting identities cannot.
+
+A held-out item counts once: the eval's bootstrap CIs resample examples as independent
+draws, and an item repeated k times in the test split would weigh k times and narrow its CI
+without new evidence. So the test split keeps the first record of each held-out identity;
+the later ones are dropped (neither trained on nor evaluated) and counted by the caller as
+`len(records) - len(train) - len(test)`."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from typing import Callable, TypeVar
+
+from resources.datasets.sources import DatasetError
+
+T = TypeVar("T")
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def _prompt(messages: list[dict]) -> str:
+    """Every message before the last assistant message, roles kept; a conversation with
+    nothing before it (one assistant message) is its own prompt."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+    return json.dumps([[m["role"], normalise(m["content"])] for m in (messages[:last] or messages)])
+
+
+def record_identity(record: dict) -> str:
+    """The held-out item a normalised record stands for (see the module docstring)."""
+    if "question" in record:
+        return normalise(record["question"])
+    if "chosen" in record:
+        return _prompt(record["chosen"])
+    if "messages" in record:
+        return _prompt(record["messages"])
+    return normalise(record["text"])
+
+
+def split_records(records: list[T], test_fraction: float, seed: int,
+                  identity: Callable[[T], str] = record_identity) -> tuple[list[T], list[T]]:
+    """(train, test): `test_fraction` of the distinct identities, chosen by a seeded shuffle,
+    are held out; train keeps every record of the others (repeats included, in order), test
+    the first record of each held-out identity (in order)."""
+    if not 0 < test_fraction < 1 or math.isnan(test_fraction):
+        raise DatasetError(f"dataset config: field 'test_fraction': {test_fraction} is not in (0, 1)")
+    ids = [identity(r) for r in records]
+    distinct = list(dict.fromkeys(ids))
+    random.Random(seed).shuffle(distinct)
+    n_test = max(1, round(len(distinct) * test_fraction))
+    if n_test >= len(distinct):
+        raise DatasetError(f"dataset config: {len(records)} records hold {len(distinct)} distinct items (by normalised "
+                           "prompt or question), which leaves nothing to train on after the test split")
+    held_out = set(distinct[:n_test])
+    train = [r for r, i in zip(records, ids) if i not in held_out]
+    first: dict[str, T] = {}
+    for r, i in zip(records, ids):
+        if i in held_out:
+            first.setdefault(i, r)
+    return train, list(first.values())
