@@ -14,7 +14,7 @@ from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeve
 
 from crucible_assets.caching import key
 from crucible_assets.gate import Gate
-from crucible_assets.tokenizing import record_origins
+from crucible_assets.tokenizing import SPLITS, record_origins, stored_splits
 from resources.datasets.splits import record_identity
 from resources.store.artifact_store import ArtifactRef, ArtifactStore, fingerprint
 from resources.store.jsonl import read_jsonl
@@ -69,7 +69,7 @@ def _row(split: str, r: dict) -> dict:
 def record_frame(dataset: ArtifactRef) -> "pd.DataFrame":
     import pandas as pd
 
-    rows = [_row(split, r) for split in ("train", "test") for r in read_jsonl(dataset.dir / f"{split}.jsonl")]
+    rows = [_row(split, r) for split in stored_splits(dataset.dir) for r in read_jsonl(dataset.dir / f"{split}.jsonl")]
     return pd.DataFrame(rows, columns=list(dict.fromkeys(COLUMNS + [k for r in rows[:1] for k in r])))
 
 
@@ -89,7 +89,7 @@ def validate(df: "pd.DataFrame") -> dict[str, tuple[bool, dict]]:
     trainable_col = "assistant_chars" if df["assistant_chars"].notna().any() else "text_chars"
     expectations = {
         "schema": [gxe.ExpectColumnToExist(column=c) for c in ("split", "body")]
-                  + [gxe.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "test"])],
+                  + [gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS))],
         "non_empty": [gxe.ExpectTableRowCountToBeBetween(min_value=2)],
         "no_nulls": [gxe.ExpectColumnValuesToNotBeNull(column="body")],
         "held_out_disjoint": [gxe.ExpectColumnValuesToBeInSet(column="held_out_leak", value_set=[False])],
@@ -138,9 +138,10 @@ def dataset_checks(recipe: str, kind: str):
 def offending_records(dataset: ArtifactRef, details: dict, shown: int = 5) -> list[str]:
     """The first records a failed check flagged, each named by the user's own file and line
     (the dataset's sources list) with the start of its content."""
-    rows = [(split, i, r) for split in ("train", "test") for i, r in enumerate(read_jsonl(dataset.dir / f"{split}.jsonl"), 1)]
+    splits = stored_splits(dataset.dir)
+    rows = [(split, i, r) for split in splits for i, r in enumerate(read_jsonl(dataset.dir / f"{split}.jsonl"), 1)]
     indices = sorted({i for result in details.values() for i in result.get("partial_unexpected_index_list", [])})
-    origins = {split: record_origins(dataset.dir, split) for split in ("train", "test")}
+    origins = {split: record_origins(dataset.dir, split) for split in splits}
     return [f"{origins[split](i)}: {json.dumps(record)[:200]}" for split, i, record in (rows[k] for k in indices[:shown])]
 
 

@@ -15,7 +15,7 @@ from crucible_assets.tokenizing import SOURCES, OverlongPolicy, tokenize_splits
 from resources.datasets.pairs import validate_pair
 from resources.datasets.problems import validate_problem
 from resources.datasets.sources import DatasetConfig, load_records, validate_record
-from resources.datasets.splits import record_identity, split_records
+from resources.datasets.splits import once_each, record_identity, split_records
 from resources.hf_io import load_tokenizer
 from resources.store.artifact_store import ArtifactRef, ArtifactStore
 from resources.store.jsonl import to_jsonl
@@ -41,23 +41,29 @@ def dataset_asset(recipe: str, config_cls: type[DatasetConfig], kind: DataKind):
     @asset(key=key(recipe, "dataset"), group_name=recipe, code_version="3", kinds={"json", "great_expectations"},
            description="The training records, read from the configured source (a generated task, a local JSONL/Parquet "
                        "file or a hub dataset), validated, split into train and held-out test by item (a held-out prompt or "
-                       "question is never trained on, and is tested once). Great Expectations checks block the rest of "
-                       "the recipe when the data are malformed or the held-out items leak into train.")
+                       "question is never trained on, and is tested once), plus test_ood where the config names an "
+                       "out-of-distribution generator. Great Expectations checks block the rest of the recipe when the "
+                       "data are malformed or held-out items leak into train.")
     def _dataset(context: AssetExecutionContext, config: config_cls, store: ArtifactStore) -> Output[ArtifactRef]:
         notes: list[str] = []  # what the loader did that the user did not spell out (a cap, dropped records)
         sources: list[str] = []  # the user's file and line of each record, so later errors can name them
         records = load_records(config, VALIDATORS[kind], notes, sources)  # raises on bad input before anything is written
         for note in notes:
             context.log.info(note)
-        train, test = split_records(list(zip(records, sources)), config.test_fraction, config.seed,
-                                    identity=lambda record_and_source: record_identity(record_and_source[0]))
+        def identity(record_and_source: tuple[dict, str]) -> str:
+            return record_identity(record_and_source[0])
+
+        train, test = split_records(list(zip(records, sources)), config.test_fraction, config.seed, identity)
+        splits = {"train": train, "test": test} | ({"test_ood": once_each(ood_records(config), identity)}
+                                                   if config.ood_generator else {})
         items = {"train_items": len({record_identity(r) for r, _ in train}), "test_items": len(test),
-                 "test_repeats_dropped": len(records) - len(train) - len(test)}
+                 "test_repeats_dropped": len(records) - len(train) - len(test),
+                 **({"test_ood_items": len(splits["test_ood"])} if "test_ood" in splits else {})}
         context.log.info(f"held out {items['test_items']} of {items['train_items'] + items['test_items']} distinct items "
                          f"(test_fraction {config.test_fraction}); {items['test_repeats_dropped']} repeats of held-out items "
                          "dropped, so each is tested once and none is trained on")
-        body = {"train": to_jsonl([r for r, _ in train]), "test": to_jsonl([r for r, _ in test])}
-        provenance = {"train": [s for _, s in train], "test": [s for _, s in test]}
+        body = {split: to_jsonl([r for r, _ in rs]) for split, rs in splits.items()}
+        provenance = {split: [s for _, s in rs] for split, rs in splits.items()}
 
         def build(out, _work):
             for split, text in body.items():
@@ -66,13 +72,21 @@ def dataset_asset(recipe: str, config_cls: type[DatasetConfig], kind: DataKind):
             return {"rows": len(records), "train_rows": len(train), "test_rows": len(test), **items,
                     **({"notes": notes} if notes else {})}
 
-        records_hash = hashlib.sha256((body["train"] + body["test"]).encode()).hexdigest()
+        records_hash = hashlib.sha256("".join(body.values()).encode()).hexdigest()
         # where the records came from is part of the bytes (sources.json), so of the fingerprint too
         sources_hash = hashlib.sha256(json.dumps(provenance).encode()).hexdigest()
         return cached_artifact(context, store, config=config.model_dump(), upstream={}, build=build,
                                extra_inputs={"records_hash": records_hash, "sources_hash": sources_hash})
 
     return _dataset
+
+
+def ood_records(config: DatasetConfig) -> list[tuple[dict, str]]:
+    """The out-of-distribution items (config.ood_generator) with where each came from: apart
+    from the training data, so only the held-out side has them."""
+    sources: list[str] = []
+    ood = config.model_copy(update={"source": "synthetic", "generator": config.ood_generator, "num_examples": config.ood_examples})
+    return list(zip(load_records(ood, sources=sources), sources))
 
 
 def tokenized_asset(recipe: str, config_cls: type[TokenizeConfig], kind: DataKind):

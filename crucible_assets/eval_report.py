@@ -11,7 +11,7 @@ from dagster import AssetExecutionContext, AssetIn, Output, asset
 from crucible_assets import evaluation, plots
 from crucible_assets.caching import cached_artifact, key
 from crucible_assets.evaluation import EvalConfig
-from crucible_assets.tokenizing import read_rows, read_stop
+from crucible_assets.tokenizing import read_ood_rows, read_rows, read_stop
 from crucible_assets.train.algorithm import Algorithm, EvalRun
 from resources.backends.resource import TrainingBackendResource
 from resources.store.artifact_store import ArtifactRef, ArtifactStore, fingerprint
@@ -65,7 +65,7 @@ def eval_report_asset(recipe: str, algorithm: Algorithm, config_cls: type[EvalCo
                       for name in algorithm.eval_models}
             train_config = algorithm.train_config(**trained_with["config"])
             report = algorithm.evaluate(EvalRun(start, trained, read_rows(tokenized, "test"), config, train_config,
-                                                read_stop(tokenized), models))
+                                                read_stop(tokenized), models, read_ood_rows(tokenized)))
             report["eval_set"] = eval_set(store.manifest(tokenized.fingerprint)["files"]["test.parquet"],
                                           config.model_dump(), algorithm.eval_version)
             summary = write_report(out, report, *algorithm.report_metric)

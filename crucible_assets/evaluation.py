@@ -151,13 +151,26 @@ def comparison_rows(report: dict) -> list[dict]:
              "gain": number(f"{k}_delta"), "gain_ci": ci(f"{k}_delta_ci")} for k in compared_metrics(report)]
 
 
-def markdown(report: dict) -> str:
-    """The comparison table (the same rows, columns and rounding as the UI's eval_table), then
-    sample completions."""
+OOD_PREFIX = "test_ood/"  # metrics on the test_ood split: items outside the training distribution
+
+
+def _table(rows: list[dict]) -> list[str]:
     lines = ["| metric | start | trained | 95% CI (trained) | gain | 95% CI (gain) |", "|---|---|---|---|---|---|"]
-    for row in comparison_rows(report):
+    for row in rows:
         cells = [sig4_text(v) if isinstance(v, float) else v for v in (row[c] for c in COMPARISON_COLUMNS)]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    """The comparison table (the same rows, columns and rounding as the UI's eval_table), the
+    test_ood metrics in a table of their own (reported apart: no gate reads them), then
+    sample completions."""
+    rows = comparison_rows(report)
+    lines = _table([r for r in rows if not r["metric"].startswith(OOD_PREFIX)])
+    if ood := [r for r in rows if r["metric"].startswith(OOD_PREFIX)]:
+        lines += ["", "Out of distribution (test_ood: items outside the training distribution, reported apart; "
+                      "no gate reads them):", "", *_table(ood)]
     lines += ["", "gain: trained - start, paired over the same held-out examples; "
                   f"{NA}: not reported for that metric.", ""]
     for s in report.get("samples", []):

@@ -33,6 +33,14 @@ Where = Callable[[], str]  # names the record in an error, built only when one i
 CHUNK = 1024  # records per tokenizer call
 OverlongPolicy = Literal["drop", "error"]
 SOURCES = "sources.json"  # beside a dataset's splits: {split: [where each record came from, in order]}
+# A dataset's splits: train, the held-out test, and test_ood (items outside the training
+# distribution, reported apart) where the dataset config names an ood_generator.
+SPLITS = ("train", "test", "test_ood")
+
+
+def stored_splits(directory: Path, suffix: str = "jsonl") -> list[str]:
+    """The splits a dataset (jsonl) or tokenized (parquet) artifact holds."""
+    return [split for split in SPLITS if (directory / f"{split}.{suffix}").exists()]
 
 
 class Overlong(RenderError):
@@ -168,7 +176,7 @@ def record_origins(dataset_dir: Path, split: str) -> Callable[[int], str]:
 def tokenize_splits(dataset_dir: Path, out: Path, tok, kind: str, max_length: int, train_on_what: str, renderer: str,
                     overlong: OverlongPolicy = "drop") -> dict:
     summary = {}
-    for split in ("train", "test"):
+    for split in stored_splits(dataset_dir):
         path = dataset_dir / f"{split}.jsonl"
         r = Renderer(tok, max_length, train_on_what, renderer, overlong)
         rows, lengths = [], []
@@ -197,6 +205,11 @@ def tokenize_splits(dataset_dir: Path, out: Path, tok, kind: str, max_length: in
 def read_rows(tokenized: ArtifactRef, split: str) -> list[dict]:
     """Every row of a tokenized artifact's split, all columns."""
     return pq.read_table(tokenized.dir / f"{split}.parquet").to_pylist()
+
+
+def read_ood_rows(tokenized: ArtifactRef) -> list[dict]:
+    """The test_ood split's rows; none where the dataset has no such split."""
+    return read_rows(tokenized, "test_ood") if "test_ood" in stored_splits(tokenized.dir, "parquet") else []
 
 
 def read_stop(tokenized: ArtifactRef) -> list[str]:

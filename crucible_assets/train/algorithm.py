@@ -6,7 +6,7 @@ its `ALGORITHM`; a recipe (recipes/) picks one."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,7 +31,9 @@ class TrainingRun:
 @dataclass
 class EvalRun:
     """The trained model and its start on the held-out rows; `train_config` is the checkpoint's
-    own resolved config, `models` the other model stages listed in `Algorithm.eval_models`."""
+    own resolved config, `models` the other model stages listed in `Algorithm.eval_models`;
+    `ood_rows` the test_ood split (items outside the training distribution; empty where the
+    dataset has none), which an algorithm may report apart: no gate reads it."""
     start: TrainingClient
     trained: TrainingClient
     rows: list[dict]
@@ -39,6 +41,7 @@ class EvalRun:
     train_config: TrainConfig
     stop: list[str]
     models: dict[str, TrainingClient]
+    ood_rows: list[dict] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

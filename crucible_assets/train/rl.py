@@ -195,8 +195,18 @@ def train_run(run: TrainingRun) -> tuple[list[dict], dict]:
 def evaluate_rl(run: EvalRun) -> dict:
     """Held-out problems, both models, paired bootstrap CIs of each gain: greedy accuracy;
     sample accuracy (the mean over k samples at temperature 1: what RL optimizes, the
-    policy's own pass@1); pass@k (any of the k samples correct)."""
-    cfg, eval_cfg, rows, pass_k = run.train_config, run.config, run.rows, run.config.pass_k
+    policy's own pass@1); pass@k (any of the k samples correct). Problems from outside the
+    training distribution (the test_ood split, where the dataset has one) get the same
+    metrics under test_ood/: whether the gain generalises, reported apart, read by no gate."""
+    report = {"num_problems": len(run.rows), **problem_report(run, run.rows, "test")}
+    if run.ood_rows:
+        report |= {"num_ood_problems": len(run.ood_rows), **problem_report(run, run.ood_rows, "test_ood")}
+    return report
+
+
+def problem_report(run: EvalRun, rows: list[dict], split: str) -> dict:
+    """One split's metrics, named `<split>/...`, for both models with paired CIs."""
+    cfg, eval_cfg, pass_k = run.train_config, run.config, run.config.pass_k
     tokenizer, grader = run.trained.tokenizer, GRADERS[cfg.env]
     params = SamplingParams(max_tokens=cfg.max_tokens, temperature=1.0, top_p=1.0, stop=run.stop, seed=eval_cfg.seed)
     per_problem = {}
@@ -205,12 +215,11 @@ def evaluate_rl(run: EvalRun) -> dict:
         correct_N_K = np.array([[grader(tokenizer.decode(s.tokens, skip_special_tokens=True), r["reference"])[0] for s in g]
                                 for g, r in zip(groups, rows)], dtype=float)
         per_problem[name] = {
-            "test/accuracy": greedy_accuracy(client, tokenizer, rows, grader, cfg.max_tokens, run.stop, cfg.seed),
-            "test/sample_accuracy": correct_N_K.mean(axis=1),
-            f"test/pass@{pass_k}": correct_N_K.max(axis=1),
+            f"{split}/accuracy": greedy_accuracy(client, tokenizer, rows, grader, cfg.max_tokens, run.stop, cfg.seed),
+            f"{split}/sample_accuracy": correct_N_K.mean(axis=1),
+            f"{split}/pass@{pass_k}": correct_N_K.max(axis=1),
         }
-    return {"num_problems": len(rows),
-            **paired_report({m: (per_problem[""][m], per_problem["start/"][m]) for m in per_problem[""]}, eval_cfg)}
+    return paired_report({m: (per_problem[""][m], per_problem["start/"][m]) for m in per_problem[""]}, eval_cfg)
 
 
 ALGORITHM = Algorithm(
@@ -224,9 +233,10 @@ ALGORITHM = Algorithm(
     eval_key="test/accuracy",
     report_metric=("test/sample_accuracy", "held-out sample accuracy (T=1)"),
     plot_training_curve=True,
-    eval_version="3",  # 3: report.md columns start, trained, gain (CI)
+    eval_version="4",  # 3: report.md columns start, trained, gain (CI); 4: test_ood/ metrics
     checkpoint_description="RL with verifiable rewards: groups of sampled answers per problem, group-centered rewards, "
                            "importance-sampling or PPO loss on the sampled tokens; HF model dir, state, metrics, reward curve.",
     eval_description="Greedy accuracy, sample accuracy and pass@k on held-out problems vs. the starting "
-                     "model, with paired bootstrap CIs, and the training reward curve.",
+                     "model, with paired bootstrap CIs (and on out-of-distribution problems as test_ood/, reported "
+                     "apart), and the training reward curve.",
 )

@@ -26,6 +26,7 @@ class DatasetError(ValueError):
 
 
 Generator = Literal[tuple(GENERATORS)]  # the synthetic task names
+OodGenerator = Literal[("", *GENERATORS)]  # '' = no out-of-distribution split
 
 
 class DatasetConfig(Config):
@@ -39,6 +40,10 @@ class DatasetConfig(Config):
     num_examples: NonNegativeInt = Field(default=2000, description="synthetic: records to generate; files: cap (0 = all)")
     test_fraction: float = Field(default=0.1, description="share of the distinct items (normalised prompt or question) "
                                                           "held out by a seeded shuffle; each is tested once, never trained on")
+    ood_generator: OodGenerator = Field(default="", description="a synthetic task outside the training "
+                                                      "distribution (e.g. operands never trained on): a third split, test_ood, "
+                                                      "evaluated and reported apart from the gate; '' = none")
+    ood_examples: NonNegativeInt = Field(default=1000, description="ood_generator: records to generate (each distinct item kept once)")
     seed: int = 0
 
 

@@ -62,8 +62,12 @@ def split_records(records: list[T], test_fraction: float, seed: int,
                            "prompt or question), which leaves nothing to train on after the test split")
     held_out = set(distinct[:n_test])
     train = [r for r, i in zip(records, ids) if i not in held_out]
+    return train, once_each([r for r, i in zip(records, ids) if i in held_out], identity)
+
+
+def once_each(records: list[T], identity: Callable[[T], str] = record_identity) -> list[T]:
+    """The first record of each identity, in order: a held-out set counts each item once."""
     first: dict[str, T] = {}
-    for r, i in zip(records, ids):
-        if i in held_out:
-            first.setdefault(i, r)
-    return train, list(first.values())
+    for r in records:
+        first.setdefault(identity(r), r)
+    return list(first.values())

@@ -7,8 +7,8 @@ import random
 
 SYSTEM_PROMPT = "You are a careful calculator. Answer briefly."
 
-def arithmetic_problem(rng: random.Random, max_operand: int = 19) -> tuple[str, int]:
-    a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+def arithmetic_problem(rng: random.Random, max_operand: int = 19, min_operand: int = 0) -> tuple[str, int]:
+    a, b = rng.randint(min_operand, max_operand), rng.randint(min_operand, max_operand)
     if rng.random() < 0.5:
         return f"{a} + {b}", a + b
     a, b = max(a, b), min(a, b)
@@ -72,12 +72,12 @@ def arithmetic_pairs(n: int, seed: int) -> list[dict]:
     return pairs
 
 
-def arithmetic_problems(n: int, seed: int, max_operand: int = 19) -> list[dict]:
-    """RL problems from sl_basic's distribution: the question and its integer answer."""
+def arithmetic_problems(n: int, seed: int, max_operand: int = 19, min_operand: int = 0) -> list[dict]:
+    """RL problems, by default from sl_basic's distribution: the question and its integer answer."""
     rng = random.Random(seed)
     problems = []
     for _ in range(n):
-        expr, answer = arithmetic_problem(rng, max_operand)
+        expr, answer = arithmetic_problem(rng, max_operand, min_operand)
         problems.append({"question": f"What is {expr}?", "answer": str(answer)})
     return problems
 
@@ -86,7 +86,9 @@ GENERATORS = {"arithmetic": arithmetic_conversations, "arithmetic_chat": arithme
               "arithmetic_problems": arithmetic_problems,
               # math_rl's default: sl_basic answers these greedily (0.94) but not yet when sampling
               # at T=1 (0.54), and 155 distinct problems are revisited often enough for RL to close that gap
-              "one_digit_problems": lambda n, seed: arithmetic_problems(n, seed, max_operand=9)}
+              "one_digit_problems": lambda n, seed: arithmetic_problems(n, seed, max_operand=9),
+              # an out-of-distribution eval set (ood_generator): operands no default task trains on (155 questions)
+              "twenties_problems": lambda n, seed: arithmetic_problems(n, seed, max_operand=29, min_operand=20)}
 
 
 def tokenizer_corpus(seed: int, n: int = 4000) -> list[str]:
