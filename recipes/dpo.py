@@ -1,9 +1,12 @@
 """dpo: direct preference optimization with the reference log-probs cached as an asset.
 
-By default it continues from chat_sl's registered model (lineage dpo <- chat_sl <- sl_basic
-<- base) on seeded synthetic pairs: the same multi-turn arithmetic chats, with the right
-last answer chosen over a near miss. Point `dpo__dataset` at HH-RLHF, UltraFeedback
-binarized or HelpSteer3 preference data (examples/dpo.yaml)."""
+By default it continues from chat_sl's champion (lineage dpo <- chat_sl <- sl_basic <- base)
+on on-policy pairs (`dpo/pairs`): chat_sl's model answers seeded multi-turn arithmetic chats
+four times each, the verifier grades the answers, and a wrong one becomes the rejected side
+(its own right answer, or the dataset's, the chosen side); prompts it never got wrong keep the
+dataset's near-miss pair. The gate asks the model itself to rank held-out pairs better.
+Point `dpo__dataset` at HH-RLHF, UltraFeedback binarized or HelpSteer3 preference data with
+`dpo__pairs: {config: {source: as_given}}` (examples/dpo.yaml)."""
 
 from pydantic import NonNegativeFloat, NonNegativeInt, PositiveInt
 
@@ -49,6 +52,7 @@ RECIPE = Recipe(
     tokenize=DpoTokenize,
     train=DpoTrain,
     evaluate=DpoEval,
+    # primary: the policy's own held-out ranking (its start is measured, not 0.5 by construction);
     # preferences may not be learnt at the expense of answering: greedy accuracy no worse than -0.02
     gate=Gate("test/pref_accuracy", higher_is_better=True, guards=(Guard("test/accuracy", margin=0.02),)),
     lineage_edge="dpo_trained_from",

@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from crucible_assets.checks import _row, validate
-from crucible_assets.train.dpo import DpoConfig, dpo_loss, reward_metrics, train_dpo
+from crucible_assets.train.dpo import DpoConfig, dpo_loss, on_policy_pair, reward_metrics, train_dpo
 from resources.datasets.synthetic import arithmetic_pairs
 from crucible_assets.tokenizing import Renderer, pair_row
 from resources.datasets.sources import DatasetConfig, DatasetError, load_records
 from resources.backends.local.backend import LocalTorchBackend
+from resources.backends.types import SampledSequence
 from resources.datasets.pairs import validate_pair
 
 # a fixed batch of summed completion log-probs (policy and reference, chosen and rejected)
@@ -71,8 +72,9 @@ def test_sigmoid_loss_hand_computed():
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_step_metrics_use_completion_tokens_only(tiny, tmp_path, loss_type):
-    """One DPO step through the backend: its metrics equal the formula applied to log-probs
-    summed over the completion tokens alone (IPO: averaged), computed independently."""
+    """One DPO step through the backend: its loss equals the formula applied to log-probs
+    summed over the completion tokens alone (IPO: averaged), computed independently; the
+    logged rewards and log-probs are on the sums for every loss type (TRL's convention)."""
     backend = LocalTorchBackend(device="cpu", precision="fp32")
     client = backend.create_training_client(tiny, 0, 0)
     renderer = Renderer(client.tokenizer, 128, "last_assistant_message", "chat_template")
@@ -96,8 +98,8 @@ def test_step_metrics_use_completion_tokens_only(tiny, tmp_path, loss_type):
     logits = (pc - pr) - (rc - rr)
     expected_loss = (-_log_sigmoid(0.5 * logits) if loss_type == "sigmoid" else (logits - 1.0) ** 2).mean()
     assert out[0]["dpo_loss"] == pytest.approx(expected_loss, abs=1e-5)
-    assert out[0]["rewards/chosen"] == pytest.approx((0.5 * (pc - rc)).mean(), abs=1e-5)
-    assert out[0]["logps/rejected"] == pytest.approx(pr.mean(), abs=1e-5)
+    assert out[0]["rewards/chosen"] == pytest.approx((0.5 * (logps["chosen"] - ref["chosen_logps"])).mean(), abs=1e-5)
+    assert out[0]["logps/rejected"] == pytest.approx(logps["rejected"].mean(), abs=1e-5)
     assert out[0]["num_pairs"] == 6 and "test/dpo_loss" in out[0]
 
 
@@ -180,3 +182,31 @@ def test_pair_checks_fail(mutate, failing):
     results = validate(_pair_frame(pairs))
     assert not results[failing][0]
     assert all(ok for name, (ok, _) in results.items() if name != failing)
+
+
+ROW = {"prompt_tokens": [5, 6, 7], "reference": "3 + 4 = 7", "chosen_tokens": [5, 6, 7, 40, 41], "chosen_weights": [0, 0, 0, 1, 1],
+       "rejected_tokens": [5, 6, 7, 40, 42], "rejected_weights": [0, 0, 0, 1, 1]}
+
+
+def _sample(tokens, stop_reason="stop", logprob=-1.0):
+    return SampledSequence(tokens=tokens, logprobs=[logprob] * len(tokens), stop_reason=stop_reason)
+
+
+def test_on_policy_pair_rejects_the_models_likeliest_wrong_answer_over_its_likeliest_right_one():
+    samples = [_sample([40, 41], "length", -0.1), _sample([50], logprob=-3.0), _sample([40, 41, 9], logprob=-0.5),
+               _sample([51, 52], logprob=-1.0), _sample([40, 43], logprob=-0.9)]
+    pair = on_policy_pair(ROW, samples, [True, False, True, False, True])
+    # wrong answers: [50] (log-prob -3) and [51, 52] (-2): the likelier is rejected
+    assert pair["rejected_tokens"] == [5, 6, 7, 51, 52] and pair["rejected_weights"] == [0, 0, 0, 1, 1]
+    # right answers: [40, 41] ran out of tokens; of the two that ended, [40, 41, 9] (-1.5) beats [40, 43] (-1.8)
+    assert pair["chosen_tokens"] == [5, 6, 7, 40, 41, 9] and pair["chosen_weights"] == [0, 0, 0, 1, 1, 1]
+    assert pair["prompt_tokens"] == ROW["prompt_tokens"] and pair["reference"] == ROW["reference"]
+
+
+def test_on_policy_pair_keeps_the_datasets_chosen_when_the_model_never_got_it_right():
+    pair = on_policy_pair(ROW, [_sample([50]), _sample([40, 41], "length")], [False, True])
+    assert pair["chosen_tokens"] == ROW["chosen_tokens"] and pair["rejected_tokens"] == [5, 6, 7, 50]
+
+
+def test_no_on_policy_pair_when_the_model_made_no_mistake():
+    assert on_policy_pair(ROW, [_sample([40, 41]), _sample([40, 41])], [True, True]) is None

@@ -58,6 +58,7 @@ class Algorithm:
     checkpoint_description: str
     eval_description: str
     inputs: tuple[str, ...] = ()  # stages of the recipe the checkpoint reads besides tokenized and base_model
+    held_out: str = "tokenized"  # the stage whose test split the eval report judges on (dpo: its on-policy pairs)
     eval_models: tuple[str, ...] = ()  # model stages the eval report loads besides start and trained
     model_stages: tuple[str, ...] = ()  # extra model snapshots (a teacher) the recipe must say where to start
     stages: tuple[Callable[[str], Any], ...] = ()  # factories of the algorithm's own assets, given the recipe name

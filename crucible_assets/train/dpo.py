@@ -1,6 +1,7 @@
-"""DPO, read top to bottom: config, the loss, the frozen reference's log-probs (an asset of
-their own, computed once per starting model and data), the update step on the shared loop,
-the held-out evaluation, the algorithm.
+"""DPO, read top to bottom: config, the loss, the pairs (sampled on-policy from the starting
+model and labelled by a verifier, or as given: an asset), the frozen reference's log-probs
+(an asset of their own, computed once per starting model and pairs), the update step on the
+shared loop, the held-out evaluation, the algorithm.
 
 Shape suffixes: _P one value per pair of the batch, _2P the chosen sides then the rejected
 ones, _N per training pair (the cached reference).
@@ -16,19 +17,22 @@ from typing import Annotated, Callable, Literal, get_args
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from dagster import AssetExecutionContext, AssetIn, Output, asset
-from pydantic import Field, NonNegativeFloat
+from dagster import AssetExecutionContext, AssetIn, Config, Output, asset
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
 from crucible_assets.caching import cached_artifact, key
 from crucible_assets.evaluation import EvalConfig, nll_per_example, paired_report, sampled_accuracy
-from crucible_assets.tokenizing import read_rows
+from crucible_assets.tokenizing import SCHEMAS, read_rows, read_stop
 from crucible_assets.train.algorithm import Algorithm, EvalRun, TrainingRun
 from crucible_assets.train.loop import PositiveFinite, TrainConfig, layout_metrics, train
 from resources.backends.resource import TrainingBackendResource
-from resources.backends.types import Datum, TrainingClient
+from resources.backends.types import Datum, SampledSequence, SamplingParams, TrainingClient
+from resources.datasets.graders import GRADERS
 from resources.store.artifact_store import ArtifactRef, ArtifactStore
 
 LossType = Literal["sigmoid", "ipo", "hinge"]
+PairSource = Literal["on_policy", "as_given"]
+Verifier = Literal[tuple(GRADERS)]
 REF_COLUMNS = ("chosen_logps", "chosen_tokens", "rejected_logps", "rejected_tokens")
 
 
@@ -63,9 +67,93 @@ def dpo_loss(policy_chosen_P, policy_rejected_P, ref_chosen_P, ref_rejected_P, b
         losses_P = (logits_P - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {get_args(LossType)}")
-    chosen_rewards_P = beta * (policy_chosen_P - ref_chosen_P).detach()
-    rejected_rewards_P = beta * (policy_rejected_P - ref_rejected_P).detach()
-    return losses_P, chosen_rewards_P, rejected_rewards_P
+    return (losses_P, *implicit_rewards(policy_chosen_P, policy_rejected_P, ref_chosen_P, ref_rejected_P, beta))
+
+
+def implicit_rewards(policy_chosen_P, policy_rejected_P, ref_chosen_P, ref_rejected_P, beta: float):
+    """beta * (policy - reference) of each side. The logged metrics take them on summed
+    log-probs whatever the loss averages (IPO), as TRL does."""
+    return beta * (policy_chosen_P - ref_chosen_P).detach(), beta * (policy_rejected_P - ref_rejected_P).detach()
+
+
+class PairsConfig(Config):
+    source: PairSource = Field(default="on_policy", description="on_policy: the starting model answers each prompt and the "
+                                                                "verifier labels its answers; as_given: the dataset's own pairs")
+    verifier: Verifier = Field(default="conversation", description="on_policy: grades a sampled answer against the "
+                                                                   "chosen answer (the reference)")
+    samples_per_prompt: PositiveInt = Field(default=4, description="on_policy: answers sampled per prompt")
+    temperature: PositiveFloat = 1.0
+    max_tokens: PositiveInt = 24
+    seed: int = 0
+
+
+def on_policy_pair(row: dict, samples: list[SampledSequence], correct: list[bool]) -> dict | None:
+    """A pair from the starting model's own answers (on-policy preference data, as in online
+    DPO and RLHF's sampled comparisons): rejected is its most probable wrong answer, the
+    mistake it is surest of; chosen its most probable right answer that ended on its own (else
+    the dataset's chosen). None when it made no mistake: the dataset's pair stands in, so
+    every held-out prompt keeps its row."""
+    def most_probable(candidates: list[SampledSequence]) -> SampledSequence | None:
+        return max(candidates, key=lambda s: sum(s.logprobs), default=None)
+
+    wrong = most_probable([s for s, ok in zip(samples, correct) if not ok])
+    if wrong is None:
+        return None
+    right = most_probable([s for s, ok in zip(samples, correct) if ok and s.stop_reason == "stop"])
+    prompt = list(row["prompt_tokens"])
+    pair = {**row, "rejected_tokens": prompt + wrong.tokens, "rejected_weights": [0.0] * len(prompt) + [1.0] * len(wrong.tokens)}
+    if right is not None:
+        pair |= {"chosen_tokens": prompt + right.tokens, "chosen_weights": [0.0] * len(prompt) + [1.0] * len(right.tokens)}
+    return pair
+
+
+SAMPLE_CHUNK = 256  # prompts per sampling call
+
+
+def pairs_asset(recipe: str):
+    @asset(key=key(recipe, "pairs"), group_name=recipe, code_version="1", kinds={"parquet"},
+           ins={"tokenized": AssetIn(key=key(recipe, "tokenized")), "base_model": AssetIn(key=key(recipe, "base_model"))},
+           description="The preference pairs DPO trains and is judged on. on_policy (default): the starting model "
+                       "answers every prompt (train and held-out) a few times, a verifier grades the answers, and a "
+                       "wrong answer becomes the rejected side (a right one, or the dataset's, the chosen side), so the "
+                       "pairs hold the mistakes this model makes; prompts it never got wrong keep the dataset's pair. "
+                       "as_given: the dataset's pairs unchanged (human preference data with no verifier).")
+    def _pairs(context: AssetExecutionContext, config: PairsConfig, store: ArtifactStore, backend: TrainingBackendResource,
+               tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
+        def sample(client, rows: list[dict], split: str) -> list[list[SampledSequence]]:
+            """In chunks, each with its own seed, so memory stays bounded and the log shows progress."""
+            groups = []
+            for start in range(0, len(rows), SAMPLE_CHUNK):
+                params = SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature,
+                                        stop=read_stop(tokenized), seed=config.seed + start)
+                groups += client.sample([list(r["prompt_tokens"]) for r in rows[start:start + SAMPLE_CHUNK]],
+                                        config.samples_per_prompt, params)
+                context.log.info(f"{split}: sampled {len(groups)}/{len(rows)} prompts x {config.samples_per_prompt}")
+            return groups
+
+        def build(out, _work):
+            client = backend.create_training_client(base_model.dir, 0, config.seed)
+            summary = {"source": config.source}
+            for split in ("train", "test"):
+                rows = read_rows(tokenized, split)
+                if config.source == "on_policy":
+                    groups = sample(client, rows, split)
+                    grade = GRADERS[config.verifier]
+                    correct = [[grade(client.tokenizer.decode(s.tokens, skip_special_tokens=True), r["reference"])[0]
+                                for s in group] for r, group in zip(rows, groups)]
+                    made = [on_policy_pair(r, g, c) for r, g, c in zip(rows, groups, correct)]
+                    summary[f"{split}_on_policy_pairs"] = sum(p is not None for p in made)
+                    summary[f"{split}/start_sample_accuracy"] = float(np.mean(correct))
+                    rows = [p or r for p, r in zip(made, rows)]
+                pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMAS["pairs"]), out / f"{split}.parquet")
+                summary[f"{split}_pairs"] = len(rows)
+            return summary
+
+        return cached_artifact(context, store, config=config.model_dump(),
+                               upstream={"tokenized": tokenized, "base_model": base_model}, build=build,
+                               backend=backend.identity() if config.source == "on_policy" else None)
+
+    return _pairs
 
 
 def reward_metrics(losses_P, chosen_rewards_P, rejected_rewards_P, policy_chosen_P, policy_rejected_P, prefix: str = "") -> dict:
@@ -103,23 +191,23 @@ def read_reference(reference: ArtifactRef, split: str) -> dict:
 
 def reference_logprobs_asset(recipe: str):
     @asset(key=key(recipe, "reference_logprobs"), group_name=recipe, code_version="1", kinds={"parquet"},
-           ins={"tokenized": AssetIn(key=key(recipe, "tokenized")), "base_model": AssetIn(key=key(recipe, "base_model"))},
+           ins={"pairs": AssetIn(key=key(recipe, "pairs")), "base_model": AssetIn(key=key(recipe, "base_model"))},
            description="The frozen starting policy's summed completion log-probs for every pair, computed once per "
                        "starting model and tokenized data; training reads them instead of a second model.")
     def _reference(context: AssetExecutionContext, store: ArtifactStore, backend: TrainingBackendResource,
-                   tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
+                   pairs: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
         def build(out, _work):
             client = backend.create_training_client(base_model.dir, 0, 0)
             summary = {}
             for split in ("train", "test"):
-                logps = completion_logps(client, read_rows(tokenized, split))
+                logps = completion_logps(client, read_rows(pairs, split))
                 pq.write_table(pa.table({c: pa.array(logps[c], pa.float64()) for c in REF_COLUMNS}), out / f"{split}.parquet")
                 summary[f"{split}_pairs"] = len(logps["chosen_logps"])
                 summary[f"{split}/ref_logps/chosen"] = float(logps["chosen_logps"].mean())
                 summary[f"{split}/ref_logps/rejected"] = float(logps["rejected_logps"].mean())
             return summary
 
-        return cached_artifact(context, store, config={}, upstream={"tokenized": tokenized, "base_model": base_model},
+        return cached_artifact(context, store, config={}, upstream={"pairs": pairs, "base_model": base_model},
                                build=build, backend=backend.identity())
 
     return _reference
@@ -139,6 +227,7 @@ def train_dpo(
 
     ipo = cfg.loss_type == "ipo"
     ref_chosen_N, ref_rejected_N = (torch.tensor(x) for x in _scores(train_ref, ipo))
+    ref_sums_chosen_N, ref_sums_rejected_N = (torch.tensor(x) for x in _scores(train_ref, ipo=False))
 
     def step(_step: int, indices: list[int]) -> dict:
         batch = [train_rows[i] for i in indices]
@@ -152,10 +241,12 @@ def train_dpo(
             sums_2P = torch.stack([(lp.double() * w.to(dev)).sum() for lp, w in zip(logprobs, weights)])
             counts_2P = torch.tensor([w.sum().item() for w in weights], dtype=torch.float64, device=dev)
             scores_2P = sums_2P / counts_2P if ipo else sums_2P
-            losses_P, chosen_r, rejected_r = dpo_loss(scores_2P[:P], scores_2P[P:], ref_chosen_N[indices].to(dev),
-                                                      ref_rejected_N[indices].to(dev), cfg.beta, cfg.loss_type, cfg.label_smoothing)
+            losses_P, _, _ = dpo_loss(scores_2P[:P], scores_2P[P:], ref_chosen_N[indices].to(dev),
+                                      ref_rejected_N[indices].to(dev), cfg.beta, cfg.loss_type, cfg.label_smoothing)
             loss = losses_P.mean()
-            metrics = reward_metrics(losses_P, chosen_r, rejected_r, scores_2P[:P], scores_2P[P:])
+            rewards = implicit_rewards(sums_2P[:P], sums_2P[P:], ref_sums_chosen_N[indices].to(dev),
+                                       ref_sums_rejected_N[indices].to(dev), cfg.beta)
+            metrics = reward_metrics(losses_P, *rewards, sums_2P[:P], sums_2P[P:])
             if cfg.sft_weight:
                 nll = -sums_2P[:P].sum() / counts_2P[:P].sum()
                 loss = loss + cfg.sft_weight * nll
@@ -178,35 +269,35 @@ def held_out_metrics(policy: dict, ref: dict, cfg: DpoConfig, prefix: str) -> di
 
     ipo = cfg.loss_type == "ipo"
     (pc, pr), (rc, rr) = (tuple(torch.tensor(x) for x in _scores(d, ipo)) for d in (policy, ref))
-    return reward_metrics(*dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing), pc, pr, prefix=prefix)
+    losses_P, _, _ = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+    (pc, pr), (rc, rr) = (tuple(torch.tensor(x) for x in _scores(d, ipo=False)) for d in (policy, ref))
+    return reward_metrics(losses_P, *implicit_rewards(pc, pr, rc, rr, cfg.beta), pc, pr, prefix=prefix)
 
 
 def evaluate_dpo(run: EvalRun) -> dict:
-    """Held-out pairs, with the start as the reference. `test/pref_accuracy` ranks each pair
-    by the implicit reward margin beta * ((policy - ref)_chosen - (policy - ref)_rejected),
-    a tie counting half, so the starting policy (margin 0 everywhere) scores exactly 0.5;
-    TRL's strict `rewards/accuracies` and the other reward metrics are reported as well.
-    `test/logp_ranking_accuracy` asks the plainer question, chosen log-prob above rejected,
-    for both models. Greedy answer accuracy before and after completes the report."""
+    """Held-out pairs, with the start as the reference. The gate's `test/pref_accuracy` asks
+    whether the policy itself ranks the chosen answer above the rejected one (summed
+    completion log-probs, a tie counting half), for the trained model and its start alike:
+    unlike TRL's implicit-reward `rewards/accuracies`, which is fixed at 0 for the start
+    (policy = reference), it is a behaviour both models have. The implicit-reward margin and
+    TRL's reward metrics are reported beside it, and greedy answer accuracy before and after
+    completes the report (the gate's guard)."""
     start, trained, rows, cfg, dpo = run.start, run.trained, run.rows, run.config, run.train_config
     policy, reference = completion_logps(trained, rows), completion_logps(start, rows)
-    n = len(rows)
-    (pc, pr), (rc, rr) = (_scores(d, dpo.loss_type == "ipo") for d in (policy, reference))
-    margins = dpo.beta * ((pc - rc) - (pr - rr))
+    (pc, pr), (rc, rr) = (_scores(d, ipo=False) for d in (policy, reference))
+    ranked = lambda logps: (logps["chosen_logps"] > logps["rejected_logps"]) + 0.5 * (logps["chosen_logps"] == logps["rejected_logps"])  # noqa: E731
     per_pair = {
-        "test/pref_accuracy": ((margins > 0) + 0.5 * (margins == 0), np.full(n, 0.5)),
-        "test/rewards/margins": (margins, np.zeros(n)),
-        "test/logp_ranking_accuracy": ((policy["chosen_logps"] > policy["rejected_logps"]).astype(float),
-                                       (reference["chosen_logps"] > reference["rejected_logps"]).astype(float)),
+        "test/pref_accuracy": (ranked(policy).astype(float), ranked(reference).astype(float)),
+        "test/rewards/margins": (dpo.beta * ((pc - rc) - (pr - rr)), np.zeros(len(rows))),
     }
-    report: dict = {"num_pairs": n, **held_out_metrics(policy, reference, dpo, prefix="test/"), **paired_report(per_pair, cfg)}
+    report: dict = {"num_pairs": len(rows), **held_out_metrics(policy, reference, dpo, prefix="test/"), **paired_report(per_pair, cfg)}
     return report | sampled_accuracy(start, trained, trained.tokenizer, rows, cfg, run.stop)
 
 
 def train_run(run: TrainingRun) -> tuple[list[dict], dict]:
-    tokenized, reference = run.inputs["tokenized"], run.inputs["reference_logprobs"]
-    return train_dpo(run.client, read_rows(tokenized, "train"), read_reference(reference, "train"),
-                     read_rows(tokenized, "test"), read_reference(reference, "test"), run.config, run.work, run.log)
+    pairs, reference = run.inputs["pairs"], run.inputs["reference_logprobs"]
+    return train_dpo(run.client, read_rows(pairs, "train"), read_reference(reference, "train"),
+                     read_rows(pairs, "test"), read_reference(reference, "test"), run.config, run.work, run.log)
 
 
 ALGORITHM = Algorithm(
@@ -219,9 +310,10 @@ ALGORITHM = Algorithm(
     loss_key="dpo_loss",
     eval_key="test/dpo_loss",
     report_metric=("test/pref_accuracy", "held-out preference accuracy"),
-    inputs=("reference_logprobs",),
-    eval_version="2",  # 2: report.md columns start, trained, gain (CI)
-    stages=(reference_logprobs_asset,),
+    inputs=("pairs", "reference_logprobs"),
+    held_out="pairs",
+    eval_version="3",  # 3: pref_accuracy is the policy's own ranking, on the pairs stage's held-out split
+    stages=(pairs_asset, reference_logprobs_asset),
     checkpoint_description="DPO fine-tune of the starting model against its cached reference log-probs: HF model dir, "
                            "resumable optimizer state, per-step metrics (TRL names) and a loss curve.",
     eval_description="Held-out preference accuracy (chosen log-prob above rejected) and implicit-reward "

@@ -25,6 +25,8 @@ class LocalTorchSettings(Config):
     micro_batch_size: NonNegativeInt = Field(default=0, description="split forward/backward into chunks of this many sequences; 0 = whole batch")
     packing: bool = Field(default=True, description="pack several sequences per row (block-diagonal attention) instead of padding each")
     pack_length: NonNegativeInt = Field(default=0, description="row length when packing; 0 = chosen per batch by a compute estimate (1-4x the longest sequence)")
+    threads: NonNegativeInt = Field(default=0, description="CPU threads for torch's kernels; 0 = torch's default (one per core). "
+                                                          "Results can differ in the last bits between thread counts")
     trust_remote_code: bool = False
 
 
@@ -71,6 +73,8 @@ class LocalTorchBackend(ConfigurableResource, LocalTorchSettings):
             "torch": torch_version(),
             "packing": self.packing,
             "pack_length": self.pack_length,
+            # a pinned thread count is an input of the numbers; unpinned (0) leaves earlier fingerprints as they were
+            **({"threads": self.threads} if self.threads else {}),
         }
 
     def create_training_client(self, base_model: Path, lora_rank: int = 0, seed: int = 0,
@@ -78,6 +82,10 @@ class LocalTorchBackend(ConfigurableResource, LocalTorchSettings):
         """`client_cls`: a LocalTrainingClient subclass, e.g. one rank of data-parallel training."""
         from resources.backends.local.client import LocalTrainingClient
 
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
         return (client_cls or LocalTrainingClient)(
             base_model,
             lora_rank=lora_rank,
