@@ -133,14 +133,26 @@ def compared_metrics(report: dict) -> list[str]:
     return sorted(k for k in report if f"start/{k}" in report and not k.endswith("_ci"))
 
 
-COMPARISON_COLUMNS = ("metric", "start", "trained", "trained_ci", "gain", "gain_ci")
+COMPARISON_COLUMNS = ("metric", "start", "trained", "trained_ci", "gain", "gain_ci", "verdict")
+LOWER_IS_BETTER = ("nll", "bits_per_byte", "teacher_kl", "dpo_loss")  # a metric's last name part; every other: higher
+
+
+def verdict(metric: str, gain_ci: tuple[float, float] | None) -> str:
+    """"better" or "worse" when the paired gain's CI excludes zero, so no regression hides in
+    a table of gains; "no clear change" when it includes zero."""
+    if gain_ci is None:
+        return NA
+    lo, hi = gain_ci
+    if lo <= 0 <= hi:
+        return "no clear change"
+    return "better" if (hi < 0) == (metric.split("/")[-1] in LOWER_IS_BETTER) else "worse"
 
 
 def comparison_rows(report: dict) -> list[dict]:
     """One row per compared metric, in COMPARISON_COLUMNS order: the starting model's value,
-    the trained value and its 95% CI, and the paired gain (trained - start) with its 95% CI.
-    Numbers at 4 significant digits, CIs as short strings; "n/a" where the report has no
-    such statistic (nothing is computed here)."""
+    the trained value and its 95% CI, the paired gain (trained - start) with its 95% CI, and
+    the verdict that CI gives. Numbers at 4 significant digits, CIs as short strings; "n/a"
+    where the report has no such statistic (nothing is computed here)."""
     def ci(name):
         return f"[{sig4_text(report[name][0])}, {sig4_text(report[name][1])}]" if name in report else NA
 
@@ -148,14 +160,15 @@ def comparison_rows(report: dict) -> list[dict]:
         return sig4(report[name]) if name in report else NA
 
     return [{"metric": k, "start": number(f"start/{k}"), "trained": number(k), "trained_ci": ci(f"{k}_ci"),
-             "gain": number(f"{k}_delta"), "gain_ci": ci(f"{k}_delta_ci")} for k in compared_metrics(report)]
+             "gain": number(f"{k}_delta"), "gain_ci": ci(f"{k}_delta_ci"), "verdict": verdict(k, report.get(f"{k}_delta_ci"))}
+            for k in compared_metrics(report)]
 
 
 OOD_PREFIX = "test_ood/"  # metrics on the test_ood split: items outside the training distribution
 
 
 def _table(rows: list[dict]) -> list[str]:
-    lines = ["| metric | start | trained | 95% CI (trained) | gain | 95% CI (gain) |", "|---|---|---|---|---|---|"]
+    lines = ["| metric | start | trained | 95% CI (trained) | gain | 95% CI (gain) | verdict |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         cells = [sig4_text(v) if isinstance(v, float) else v for v in (row[c] for c in COMPARISON_COLUMNS)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -171,8 +184,8 @@ def markdown(report: dict) -> str:
     if ood := [r for r in rows if r["metric"].startswith(OOD_PREFIX)]:
         lines += ["", "Out of distribution (test_ood: items outside the training distribution, reported apart; "
                       "no gate reads them):", "", *_table(ood)]
-    lines += ["", "gain: trained - start, paired over the same held-out examples; "
-                  f"{NA}: not reported for that metric.", ""]
+    lines += ["", "gain: trained - start, paired over the same held-out examples; verdict: better or worse where the "
+                  f"gain's CI excludes zero; {NA}: not reported for that metric.", ""]
     for s in report.get("samples", []):
         lines.append(f"- prompt `{s['prompt']!r}` reference `{s['reference']}` completion `{s['completion']}`")
     return "\n".join(lines) + "\n"

@@ -19,7 +19,7 @@ from resources.store.artifact_store import ArtifactRef
 ARTIFACT_PATHS = {"model": "model_dir", "state": "state_dir", "metrics.jsonl": "metrics_file",
                   "report.md": "report_file", "train.parquet": "train_shard", "test.parquet": "test_shard"}
 
-# evaluation.COMPARISON_COLUMNS, in order: six narrow columns (numbers at 4 significant
+# evaluation.COMPARISON_COLUMNS, in order: seven narrow columns (numbers at 4 significant
 # digits, CIs as short strings) that fit a 1600 px window.
 COMPARISON_SCHEMA = TableSchema(columns=[
     TableColumn("metric", "string"),
@@ -28,6 +28,7 @@ COMPARISON_SCHEMA = TableSchema(columns=[
     TableColumn("trained_ci", "string", description="95% bootstrap CI of trained; n/a where not reported"),
     TableColumn("gain", "float", description="trained - start, paired; n/a where not reported"),
     TableColumn("gain_ci", "string", description="95% paired bootstrap CI of gain; n/a where not reported"),
+    TableColumn("verdict", "string", description="better or worse where the gain's CI excludes zero, else no clear change"),
 ])
 
 

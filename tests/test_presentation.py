@@ -2,10 +2,12 @@
 
 import json
 
+import pytest
+
 from dagster import TableMetadataValue
 
 from crucible_assets import plots
-from crucible_assets.evaluation import COMPARISON_COLUMNS, markdown
+from crucible_assets.evaluation import COMPARISON_COLUMNS, comparison_rows, markdown
 from crucible_assets.train.progress import ProgressLog, bar
 from crucible_assets.ui_metadata import to_metadata
 from resources.store.artifact_store import ArtifactRef
@@ -24,15 +26,15 @@ def test_eval_report_metadata_has_a_comparison_table_numbers_and_paths(tmp_path)
     table = meta["eval_table"]
     assert isinstance(table, TableMetadataValue)
     assert [c.name for c in table.schema.columns] == list(COMPARISON_COLUMNS) \
-        == ["metric", "start", "trained", "trained_ci", "gain", "gain_ci"]
+        == ["metric", "start", "trained", "trained_ci", "gain", "gain_ci", "verdict"]
     rows = {r.data["metric"]: r.data for r in table.records}
     assert set(rows) == {"test/nll", "test/bits_per_byte"}  # every compared metric, none left out
     assert rows["test/nll"] == {"metric": "test/nll", "start": 2.0, "trained": 1.512, "trained_ci": "[1.401, 1.61]",
-                                "gain": -0.4877, "gain_ci": "[-0.6, -0.0001235]"}
+                                "gain": -0.4877, "gain_ci": "[-0.6, -0.0001235]", "verdict": "better"}
     assert list(rows["test/nll"]) == list(COMPARISON_COLUMNS)
     # no CI and no paired gain in the report: shown as n/a, not invented, not dropped
     assert rows["test/bits_per_byte"] == {"metric": "test/bits_per_byte", "start": 0.9123, "trained": 0.7,
-                                          "trained_ci": "n/a", "gain": "n/a", "gain_ci": "n/a"}
+                                          "trained_ci": "n/a", "gain": "n/a", "gain_ci": "n/a", "verdict": "n/a"}
     assert meta["code_version"] == "2"
     assert meta["report_file"].path == str(tmp_path / "report.md")
     assert "model_dir" not in meta
@@ -57,12 +59,30 @@ def test_metadata_numbers_are_rounded_to_4_significant_digits_and_stay_numbers(t
 def test_report_markdown_has_the_ui_table_columns_and_n_a():
     md = markdown(REPORT)
     lines = md.splitlines()
-    assert lines[0] == "| metric | start | trained | 95% CI (trained) | gain | 95% CI (gain) |"
-    assert lines[1] == "|---|---|---|---|---|---|"
-    assert lines[2] == "| test/bits_per_byte | 0.9123 | 0.7 | n/a | n/a | n/a |"
-    assert lines[3] == "| test/nll | 2 | 1.512 | [1.401, 1.61] | -0.4877 | [-0.6, -0.0001235] |"
+    assert lines[0] == "| metric | start | trained | 95% CI (trained) | gain | 95% CI (gain) | verdict |"
+    assert lines[1] == "|---|---|---|---|---|---|---|"
+    assert lines[2] == "| test/bits_per_byte | 0.9123 | 0.7 | n/a | n/a | n/a | n/a |"
+    assert lines[3] == "| test/nll | 2 | 1.512 | [1.401, 1.61] | -0.4877 | [-0.6, -0.0001235] | better |"
     assert lines[4] == ""
     assert markdown(REPORT) == md  # deterministic: report.md's bytes are a function of the report
+
+
+def _gained(metric: str, gain_ci: tuple[float, float]) -> dict:
+    return {metric: 0.5, f"start/{metric}": 0.5, f"{metric}_delta": sum(gain_ci) / 2, f"{metric}_delta_ci": gain_ci}
+
+
+@pytest.mark.parametrize("metric,gain_ci,expected", [
+    ("test/accuracy", (0.01, 0.05), "better"), ("test/accuracy", (-0.09, -0.015), "worse"),
+    ("test/accuracy", (-0.02, 0.03), "no clear change"), ("test/accuracy", (0.0, 0.04), "no clear change"),
+    ("test/nll", (-0.3, -0.1), "better"), ("test/nll", (0.02, 0.1), "worse"), ("test/teacher_kl", (0.1, 0.2), "worse"),
+    ("test/dpo_loss", (-0.2, -0.1), "better"), ("test/pref_accuracy", (-0.055, -0.005), "worse"),
+])
+def test_every_metric_that_got_worse_is_marked_in_the_table(metric, gain_ci, expected):
+    """A regression hides nowhere: a gain whose CI excludes zero in the bad direction (lower
+    accuracy, higher NLL or KL) reads "worse", in the UI table and report.md alike."""
+    report = _gained(metric, gain_ci)
+    assert comparison_rows(report)[0]["verdict"] == expected
+    assert markdown(report).splitlines()[2].endswith(f"| {expected} |")
 
 
 def test_checkpoint_plots_reward_and_kl_curves_only_when_the_rows_carry_them(tmp_path):

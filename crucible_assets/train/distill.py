@@ -247,7 +247,7 @@ ALGORITHM = Algorithm(
     stages=(teacher_samples_asset,),
     plot_training_curve=True,
     checkpoint_version="4",  # 4: the loss curve names its Y axis
-    eval_version="2",  # 2: report.md columns start, trained, gain (CI)
+    eval_version="3",  # 2: report.md columns start, trained, gain (CI); 3: a verdict column
     checkpoint_description="The student distilled from the teacher: cross-entropy on the teacher's samples (off-policy), "
                            "reverse KL on its own samples scored by the teacher (on-policy), or one then the other.",
     eval_description="The distilled student vs. the teacher vs. the starting student on held-out prompts: "

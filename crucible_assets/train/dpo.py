@@ -312,7 +312,7 @@ ALGORITHM = Algorithm(
     report_metric=("test/pref_accuracy", "held-out preference accuracy"),
     inputs=("pairs", "reference_logprobs"),
     held_out="pairs",
-    eval_version="3",  # 3: pref_accuracy is the policy's own ranking, on the pairs stage's held-out split
+    eval_version="3",  # 3: pref_accuracy is the policy's own ranking, on the pairs stage's held-out split; a verdict column
     stages=(pairs_asset, reference_logprobs_asset),
     checkpoint_description="DPO fine-tune of the starting model against its cached reference log-probs: HF model dir, "
                            "resumable optimizer state, per-step metrics (TRL names) and a loss curve.",

@@ -233,7 +233,7 @@ ALGORITHM = Algorithm(
     eval_key="test/accuracy",
     report_metric=("test/sample_accuracy", "held-out sample accuracy (T=1)"),
     plot_training_curve=True,
-    eval_version="4",  # 3: report.md columns start, trained, gain (CI); 4: test_ood/ metrics
+    eval_version="4",  # 3: report.md columns start, trained, gain (CI); 4: test_ood/ metrics and a verdict column
     checkpoint_description="RL with verifiable rewards: groups of sampled answers per problem, group-centered rewards, "
                            "importance-sampling or PPO loss on the sampled tokens; HF model dir, state, metrics, reward curve.",
     eval_description="Greedy accuracy, sample accuracy and pass@k on held-out problems vs. the starting "

@@ -85,7 +85,7 @@ ALGORITHM = Algorithm(
     eval_key="test/nll",
     report_metric=("test/nll", "test/nll (nats/token)"),
     data_parallel=True,
-    eval_version="3",  # 3: report.md columns start, trained, gain (CI)
+    eval_version="4",  # 3: report.md columns start, trained, gain (CI); 4: a verdict column
     checkpoint_description="The fine-tuned model: supervised training (cross-entropy on the weighted target tokens) of the "
                            "starting model. Holds an HF model dir, the optimizer state to resume from, per-step "
                            "metrics.jsonl and the loss curve. nproc_per_node > 1 trains data-parallel under torchrun, "
