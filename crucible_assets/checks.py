@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, multi_asset_check, asset_check
 
 from crucible_assets.caching import key
+from crucible_assets.champion_eval import champion_record
 from crucible_assets.gate import Gate
 from crucible_assets.tokenizing import SPLITS, record_origins, stored_splits
 from resources.datasets.splits import record_identity
@@ -194,17 +195,24 @@ def length_check(recipe: str):
 
 def promotion_gate_check(recipe: str):
     """Judges the version the run registered against the champion (the metric and margin
-    recorded at registration); a failure leaves `champion` where it was and says why, as a
-    warning: blocking (downstream waits for the verdict) but not fatal."""
+    recorded at registration), both measured on the candidate's eval set: the champion's
+    value from `<recipe>/champion_eval` where its own report was on another set. A failure
+    leaves `champion` where it was and says why, as a warning: blocking (downstream waits for
+    the verdict) but not fatal. champion_eval is a dependency of the check, not of the
+    registered model, whose bytes (and "unsynced" mark) do not depend on the champion."""
     @asset_check(asset=key(recipe, "registered_model"), name="beats_champion", blocking=True,
+                 additional_deps=[key(recipe, "champion_eval")],
                  description="Promotes the new version to champion if its gate metric beats the champion's by more than "
-                             "the margin (registered_model config promotion_margin); otherwise the champion stays, and "
-                             "the run still succeeds: a registered version that is not promoted is no failure, and "
-                             "recipes that build on this one start from the champion.")
+                             "the margin (registered_model config promotion_margin), both measured on the new version's "
+                             "eval set (champion_eval evaluates the champion there when its own report was on another); "
+                             "otherwise the champion stays, and the run still succeeds: a registered version that is "
+                             "not promoted is no failure, and recipes that build on this one start from the champion.")
     def _promote(context: AssetCheckExecutionContext, store: ArtifactStore, registry: ModelRegistry) -> AssetCheckResult:
         ref = store.latest_verified(key(recipe, "registered_model").to_user_string())
         entry = registry.find(recipe, ref.fingerprint)
-        decision = registry.judge(recipe, entry["version"], who=f"check {recipe}/registered_model:beats_champion (run {context.run.run_id})")
+        measured = champion_record(store, recipe, entry.get("eval_report"))
+        decision = registry.judge(recipe, entry["version"], measured=measured,
+                                  who=f"check {recipe}/registered_model:beats_champion (run {context.run.run_id})")
         aliases = registry.models()[recipe]["aliases"]
         context.log.info(f"{recipe}:{entry['version']} {'passed' if decision['passed'] else 'did not pass'} beats_champion "
                          f"({decision['reason']}); champion: {recipe}:{aliases['champion']}")

@@ -14,6 +14,7 @@ from crucible_assets.evaluation import EvalConfig
 from crucible_assets.tokenizing import read_ood_rows, read_rows, read_stop
 from crucible_assets.train.algorithm import Algorithm, EvalRun
 from resources.backends.resource import TrainingBackendResource
+from resources.backends.types import TrainingClient
 from resources.store.artifact_store import ArtifactRef, ArtifactStore, fingerprint
 from resources.store.jsonl import read_jsonl
 
@@ -46,6 +47,28 @@ def eval_set(held_out: str, eval_config: dict, code_version: str) -> dict:
     return {"id": fingerprint(**parts), **parts}
 
 
+def evaluate_model(recipe: str, algorithm: Algorithm, store: ArtifactStore, backend: TrainingBackendResource,
+                   config: EvalConfig, model_dir: Path, inputs: dict[str, ArtifactRef]) -> tuple[dict, TrainingClient]:
+    """The algorithm's `evaluate` of the model in `model_dir` against the starting model, on an
+    eval report's `inputs` (by stage: checkpoint, tokenized, base_model): the checkpoint's
+    train config and other model stages (a teacher), the held-out rows, and the eval set they
+    make. The eval report runs it on its checkpoint; champion_eval runs it on the champion
+    with the candidate report's inputs, so both measure on one eval set."""
+    trained_with = store.manifest(inputs["checkpoint"].fingerprint)
+    upstream = {u["key"]: store.lookup(u["fingerprint"]) for u in trained_with["upstream"]}
+    tokenized = inputs["tokenized"]
+    start = backend.create_training_client(inputs["base_model"].dir, 0, config.seed)
+    trained = backend.create_training_client(model_dir, 0, config.seed)
+    models = {name: backend.create_training_client(store.open_verified(upstream[f"{recipe}/{name}"]), 0, config.seed)
+              for name in algorithm.eval_models}
+    report = algorithm.evaluate(EvalRun(start, trained, read_rows(tokenized, "test"), config,
+                                        algorithm.train_config(**trained_with["config"]), read_stop(tokenized), models,
+                                        read_ood_rows(tokenized)))
+    report["eval_set"] = eval_set(store.manifest(tokenized.fingerprint)["files"]["test.parquet"], config.model_dump(),
+                                  algorithm.eval_version)
+    return report, trained
+
+
 def eval_report_asset(recipe: str, algorithm: Algorithm, config_cls: type[EvalConfig]):
     @asset(key=key(recipe, "eval_report"), group_name=recipe, code_version=algorithm.eval_version, kinds={"json"},
            ins={"checkpoint": AssetIn(key=key(recipe, "checkpoint")), "tokenized": AssetIn(key=key(recipe, "tokenized")),
@@ -53,21 +76,10 @@ def eval_report_asset(recipe: str, algorithm: Algorithm, config_cls: type[EvalCo
            description=algorithm.eval_description)
     def _eval_report(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
                      checkpoint: ArtifactRef, tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
-        trained_with = store.manifest(checkpoint.fingerprint)
-        upstream = {u["key"]: store.lookup(u["fingerprint"]) for u in trained_with["upstream"]}
-        for name in algorithm.eval_models:
-            store.open_verified(upstream[f"{recipe}/{name}"])
+        inputs = {"checkpoint": checkpoint, "tokenized": tokenized, "base_model": base_model}
 
         def build(out, _work):
-            start = backend.create_training_client(base_model.dir, 0, config.seed)
-            trained = backend.create_training_client(checkpoint.dir / "model", 0, config.seed)
-            models = {name: backend.create_training_client(upstream[f"{recipe}/{name}"].dir, 0, config.seed)
-                      for name in algorithm.eval_models}
-            train_config = algorithm.train_config(**trained_with["config"])
-            report = algorithm.evaluate(EvalRun(start, trained, read_rows(tokenized, "test"), config, train_config,
-                                                read_stop(tokenized), models, read_ood_rows(tokenized)))
-            report["eval_set"] = eval_set(store.manifest(tokenized.fingerprint)["files"]["test.parquet"],
-                                          config.model_dump(), algorithm.eval_version)
+            report, trained = evaluate_model(recipe, algorithm, store, backend, config, checkpoint.dir / "model", inputs)
             summary = write_report(out, report, *algorithm.report_metric)
             if warning := worse_than_uniform(report, len(trained.tokenizer), recipe):
                 context.log.warning(warning)
@@ -78,8 +90,7 @@ def eval_report_asset(recipe: str, algorithm: Algorithm, config_cls: type[EvalCo
                 summary["plots"].append("training_curve.png")
             return summary
 
-        return cached_artifact(context, store, config=config.model_dump(),
-                               upstream={"checkpoint": checkpoint, "tokenized": tokenized, "base_model": base_model},
-                               build=build, backend=backend.identity())
+        return cached_artifact(context, store, config=config.model_dump(), upstream=inputs, build=build,
+                               backend=backend.identity())
 
     return _eval_report

@@ -1,8 +1,9 @@
 """A recipe is a spec: an algorithm, where it starts, its typed configs and its gate.
 `recipe_definitions` turns one into its Dagster objects: the asset group `<recipe>/...`
 (starting model, dataset, tokenized, the algorithm's own stages, checkpoint, eval report,
-registered model), the blocking checks, and the job that materializes the group with its
-whole upstream chain (cached ancestors cost nothing). A new recipe is one file in recipes/."""
+the champion's eval on the same set, registered model), the blocking checks, and the job
+that materializes the group with its whole upstream chain (cached ancestors cost nothing).
+A new recipe is one file in recipes/."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 
 from dagster import AssetSelection, Definitions, ExecutorDefinition, define_asset_job, in_process_executor
 
+from crucible_assets.champion_eval import champion_eval_asset
 from crucible_assets.checks import dataset_checks, eval_gate_check, length_check, promotion_gate_check
 from crucible_assets.data import TokenizeConfig, dataset_asset, tokenized_asset
 from crucible_assets.eval_report import eval_report_asset
@@ -77,6 +79,7 @@ def recipe_assets(recipe: Recipe) -> list:
         *(stage(name) for stage in algorithm.stages),
         checkpoint_asset(name, algorithm, recipe.train),
         eval_report_asset(name, algorithm, recipe.evaluate or algorithm.eval_config),
+        champion_eval_asset(name, algorithm, recipe.evaluate or algorithm.eval_config, recipe.gate.metric),
         registered_model_asset(name, recipe.lineage_edge, recipe.gate.metric, recipe.gate.higher_is_better,
                                recipe.lineage_stage),
     ]

@@ -82,7 +82,7 @@ def registered_model_asset(recipe: str, lineage_edge: str, metric: str, higher_i
         entry = registry.register(recipe, {
             "fingerprint": ref.fingerprint, "content_hash": ref.content_hash, "asset_key": ref.key, "path": ref.path,
             "metrics": {k: v for k, v in report.items() if isinstance(v, (int, float))},
-            "eval_set": report["eval_set"]["id"],
+            "eval_set": report["eval_set"]["id"], "eval_report": eval_report.fingerprint,
             "metric_cis": {k.removesuffix("_ci"): v for k, v in report.items() if k.endswith("_ci")},
             "lineage": {lineage_edge: {"data_version": upstream_versions[edge_key], "source": edge_source["source"],
                                        "model": edge_source.get("registered_model")},

@@ -76,8 +76,32 @@ def print_reproduction(ref: ArtifactRef, store: ArtifactStore, scratch_dir: str 
     return 1
 
 
+def decision_text(d: dict) -> str:
+    """A promotion decision in one line: verdict, the candidate's and the champion's value of
+    the metric, the eval set both were measured on (or the two that did not compare), where
+    the champion's value came from, the margin. Decisions recorded before these fields
+    existed show what they have."""
+    verdict = d.get("verdict") or ("promoted" if d["passed"] else "not promoted")
+    if d.get("champion") in (None, d["candidate"]):
+        return f"{verdict}: {d['reason']}"
+
+    def shown(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    text = (f"{verdict}: {d['metric']} {shown(d.get('candidate_value'))} vs champion v{d['champion']} "
+            f"{shown(d.get('champion_value'))}, margin {d['margin']}")
+    if d.get("eval_set"):
+        source = d.get("champion_value_from", {})
+        measured = f" (champion measured there by {source['asset']} {source['data_version'][:12]})" \
+            if source.get("source") == "champion_eval" else ""
+        return text + f", both on eval set {d['eval_set'][:12]}{measured}"
+    sets = d.get("eval_sets") or {}
+    return text + (f", eval sets differ: {(sets.get('candidate') or '?')[:12]} (candidate) vs {(sets.get('champion') or '?')[:12]}"
+                   " (champion)" if sets else "")
+
+
 def cmd_models(args, store, registry) -> int:
-    if args.json:  # per version: its eval set, metrics, aliases and promotion decision, as recorded
+    if args.json:  # per version: its eval set, metrics, aliases and promotion decision (values, shared eval set, verdict)
         print(json.dumps(registry.models(), indent=1, sort_keys=True))
         return 0
     for name, model in sorted(registry.models().items()):
@@ -94,6 +118,8 @@ def cmd_models(args, store, registry) -> int:
             eval_set = f"  eval_set={v['eval_set'][:12]}" if v.get("eval_set") else ""
             print(f"  v{v['version']:<3} {tag:<24} {metric}={value if value is None else round(value, 4)}{verdict}"
                   f"{eval_set}  data_version={v['content_hash']}  run={v['run_id']}")
+            if decision is not None:
+                print(f"        decision: {decision_text(decision)}")
     return 0
 
 
@@ -159,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the scratch directory after a passing reproduction")
     p.set_defaults(fn=cmd_audit)
     p = sub.add_parser("models", help="registry versions and aliases; promote/rollback move an alias by hand")
-    p.add_argument("--json", action="store_true", help="every version with its eval set, metrics and promotion decision")
+    p.add_argument("--json", action="store_true", help="every version with its eval set, metrics and promotion decision "
+                                                     "(candidate and champion value, the eval set they share, margin, verdict)")
     p.set_defaults(fn=cmd_models)
     moves = p.add_subparsers(dest="move")
     for move, target, fn in (("promote", "spec", cmd_promote), ("rollback", "name", cmd_rollback)):

@@ -180,6 +180,25 @@ def test_a_registry_version_alone_keeps_its_ancestry(home, aged):
     assert_live_chain_intact(s, targets=("r@latest",))
 
 
+def test_the_champion_eval_a_decision_compared_with_stays(home, aged):
+    """A promotion decision's evidence (the champion evaluated on the candidate's eval set) is
+    kept after a later champion_eval replaced it as the ref; the orphan still goes."""
+    s = build_store()
+    aged.update(s.fresh)
+    evidence = _write(s.store, "r/champion_eval", fingerprint(k="champion_eval"), {"champion_eval.json": b"{}"})
+    registered = _write(s.store, "r/registered_model", fingerprint(k="registered", v=2), {"model.safetensors": b"v" * 3000})
+    s.registry.register("r", {"fingerprint": registered.fingerprint, "content_hash": registered.content_hash,
+                              "metrics": {"test/nll": 0.5}, "eval_set": "b" * 32, "run_id": "run"}, GATE)
+    s.registry.judge("r", 1, who="t")
+    record = {"champion": {"fingerprint": s.registered.fingerprint}, "eval_set": "b" * 32, "champion_value": 1.0,
+              "status": "evaluated", "source": {"asset": evidence.key, "fingerprint": evidence.fingerprint,
+                                                "data_version": evidence.content_hash}}
+    assert s.registry.judge("r", 2, who="t", measured=record)["champion_value_from"]["fingerprint"] == evidence.fingerprint
+    report = gc.collect(s.store, s.registry, dry_run=False)
+    assert {(i.kind, i.path) for i in report.garbage} == s.garbage
+    assert s.store.lookup(evidence.fingerprint) == evidence and s.store.verify(evidence) == []
+
+
 def test_manifest_of_shared_bytes_stays_and_goes_with_them(home, aged):
     """Two unreferenced fingerprints sharing bytes: both manifests and the one object go
     together once nothing live names that content hash."""

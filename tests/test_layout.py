@@ -17,7 +17,7 @@ from recipes import RECIPES
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "<!-- example-recipe:"
-STAGES = ("base_model", "dataset", "tokenized", "checkpoint", "eval_report", "registered_model")
+STAGES = ("base_model", "dataset", "tokenized", "checkpoint", "eval_report", "champion_eval", "registered_model")
 
 
 def doc_example() -> str:

@@ -38,6 +38,114 @@ def test_gate_promotes_only_by_more_than_the_margin(tmp_path):
     assert registry.register("m", entry("c", 0.90), GATE)["version"] == 3
 
 
+def on_set(fp: str, nll: float, eval_set: str) -> dict:
+    return entry(fp, nll) | {"eval_set": eval_set * 64, "eval_report": f"report-{fp}"}
+
+
+def measured(champion: dict, eval_set: str, **outcome) -> dict:
+    """A champion_eval record (crucible_assets/champion_eval.py) as the check hands it to judge."""
+    return {"champion": {"version": champion["version"], "fingerprint": champion["fingerprint"]}, "eval_set": eval_set * 64,
+            "source": {"asset": "m/champion_eval", "fingerprint": "f" * 64, "data_version": "d" * 64}, **outcome}
+
+
+def test_gate_compares_with_the_champion_measured_on_the_candidates_eval_set(tmp_path):
+    """The champion's own value (0.5, on set a) is not what the candidate is compared with: its
+    value on the candidate's set (b) is, and the decision says which set and where it came from."""
+    registry = ModelRegistry(root=str(tmp_path))
+    v1 = registry.register("m", on_set("a", 0.5, "a"), GATE)
+    registry.judge("m", 1, who="t")
+    registry.register("m", on_set("b", 0.9, "b"), GATE)
+    decision = registry.judge("m", 2, who="t", measured=measured(v1, "b", status="evaluated", champion_value=1.2))
+    assert decision["passed"] and decision["verdict"] == "promoted"
+    assert (decision["eval_set"], decision["candidate_value"], decision["champion_value"]) == ("b" * 64, 0.9, 1.2)
+    assert decision["champion_value_from"] == {"source": "champion_eval", "asset": "m/champion_eval", "fingerprint": "f" * 64,
+                                               "data_version": "d" * 64}
+    assert abs(decision["improvement"] - 0.3) < 1e-12 and decision["margin"] == 0.05
+    assert "both on eval set bbbbbbbbbbbb" in decision["reason"] and "by m/champion_eval dddddddddddd" in decision["reason"]
+    assert registry.resolve("m@champion")["version"] == 2
+    # the champion wins on the candidate's set: compared, not promoted
+    registry.register("m", on_set("c", 0.9, "c"), GATE)
+    decision = registry.judge("m", 3, who="t", measured=measured(registry.resolve("m:2"), "c", status="evaluated", champion_value=0.7))
+    assert not decision["passed"] and decision["verdict"] == "not promoted" and decision["eval_set"] == "c" * 64
+    assert "does not beat champion v2" in decision["reason"] and decision["champion_value"] == 0.7
+    # on the champion's own set its own report's value is used, and says so
+    registry.register("m", on_set("d", 0.5, "b"), GATE)
+    decision = registry.judge("m", 4, who="t")
+    assert decision["champion_value"] == 0.9 and decision["champion_value_from"]["source"] == "own_eval_report"
+
+
+def test_gate_refuses_naming_both_eval_sets_when_the_champion_was_not_measured_on_the_candidates(tmp_path):
+    registry = ModelRegistry(root=str(tmp_path))
+    v1 = registry.register("m", on_set("a", 0.5, "a"), GATE)
+    registry.judge("m", 1, who="t")
+    tokenizer = "its tokenizer (2048 tokens) is not the one the held-out rows were tokenized with"
+    cases = {
+        "b": (measured(v1, "b", status="not_evaluable", reason=tokenizer), f"v1 could not be evaluated on bbbbbbbbbbbb: {tokenizer}"),
+        "c": (None, "no eval of v1 on cccccccccccc was found"),
+        "e": (measured(v1, "x", status="evaluated", champion_value=9.0), "no eval of v1 on eeeeeeeeeeee"),  # another set's
+    }
+    for version, (fp, (record, why)) in enumerate(cases.items(), 2):
+        registry.register("m", on_set(fp, 0.1, fp), GATE)
+        decision = registry.judge("m", version, who="t", measured=record)
+        assert not decision["passed"] and decision["verdict"] == "not compared" and decision["eval_set"] is None
+        assert decision["eval_sets"] == {"candidate": fp * 64, "champion": "a" * 64}
+        assert f"evaluated on eval set {fp * 12} and champion v1 on aaaaaaaaaaaa, and {why}" in decision["reason"]
+    # an eval of a champion that has since changed measures the wrong model
+    registry.promote("m:2", "champion", reason="by hand", who="alice")
+    registry.register("m", on_set("f", 0.1, "f"), GATE)
+    assert registry.judge("m", 5, who="t", measured=measured(v1, "f", status="evaluated", champion_value=9.0))["verdict"] == "not compared"
+
+
+def test_judged_against_champion_stays_for_a_cached_rerun_and_old_entries_still_judge(tmp_path):
+    """champion_for names the champion a candidate was (or will be) judged against, so its
+    champion_eval's cache key survives the candidate's own promotion; entries registered
+    before eval sets and eval report fingerprints were recorded still compare as before."""
+    registry = ModelRegistry(root=str(tmp_path))
+    assert registry.champion_for("m", "report-a") is None  # no model yet
+    registry.register("m", on_set("a", 0.5, "a"), GATE)
+    assert registry.champion_for("m", "report-a") is None  # registered, not judged, no champion
+    registry.judge("m", 1, who="t")
+    assert registry.champion_for("m", "report-a") is None  # judged against no champion
+    assert registry.champion_for("m", "report-b")["version"] == 1  # a new candidate meets v1
+    registry.register("m", on_set("b", 0.1, "a"), GATE)
+    registry.judge("m", 2, who="t")
+    assert registry.resolve("m@champion")["version"] == 2 and registry.champion_for("m", "report-b")["version"] == 1
+
+    old = ModelRegistry(root=str(tmp_path / "old"))
+    for i, (fp, nll) in enumerate([("a", 1.0), ("b", 0.5)], 1):  # no eval_set, no eval_report, no measurement
+        old.register("m", entry(fp, nll), GATE)
+        decision = old.judge("m", i, who="t")
+    assert decision["passed"] and decision["champion_value"] == 1.0 and decision["eval_set"] is None
+
+
+def test_models_table_shows_each_decision_old_and_new(tmp_path, monkeypatch, capsys):
+    """`crucible models`: under each judged version, its verdict, both values, the shared eval
+    set (or the two that did not compare) and the margin; decisions recorded before those
+    fields existed still print."""
+    registry = ModelRegistry(root=str(tmp_path / "registry"))
+    v1 = registry.register("m", on_set("a", 0.5, "a"), GATE)
+    registry.judge("m", 1, who="t")
+    registry.register("m", on_set("b", 0.9, "b"), GATE)
+    registry.judge("m", 2, who="t", measured=measured(v1, "b", status="evaluated", champion_value=1.2))
+    registry.register("m", on_set("c", 0.1, "c"), GATE)
+    registry.judge("m", 3, who="t")
+    old = ModelRegistry(root=str(tmp_path / "registry"))
+    with old._locked() as (data, _):  # a decision as recorded before eval sets were compared
+        data["models"]["old"] = {"aliases": {"champion": 1}, "versions": [
+            {**entry("a", 1.0), "version": 1, "decision": {"candidate": 1, "champion": None, "passed": True, "reason": "first"}},
+            {**entry("b", 0.9), "version": 2, "decision": {"candidate": 2, "champion": 1, "passed": False, "metric": "test/nll",
+                                                          "margin": 0.05, "candidate_value": 0.9, "champion_value": 1.0,
+                                                          "reason": "does not beat"}}]}
+    monkeypatch.setenv("CRUCIBLE_HOME", str(tmp_path))
+    assert crucible(["models"]) == 0
+    table = capsys.readouterr().out
+    assert "decision: promoted: test/nll 0.9000 vs champion v1 1.2000, margin 0.05, both on eval set bbbbbbbbbbbb " \
+           "(champion measured there by m/champion_eval dddddddddddd)" in table
+    assert "decision: not compared: test/nll 0.1000 vs champion v2 n/a, margin 0.05, eval sets differ: cccccccccccc " \
+           "(candidate) vs bbbbbbbbbbbb (champion)" in table
+    assert "decision: promoted: first" in table and "decision: not promoted: test/nll 0.9000 vs champion v1 1.0000, margin 0.05\n" in table
+
+
 def test_a_version_is_judged_once_so_a_rollback_sticks(tmp_path):
     registry = ModelRegistry(root=str(tmp_path))
     for i, (fp, nll) in enumerate([("a", 1.0), ("b", 0.5)], 1):
@@ -99,7 +207,8 @@ def test_second_training_becomes_champion_only_by_the_margin(homes, capsys):
     """Trainings of sl_basic: a short first one (champion by default), a longer second one on
     the same data that beats it (promoted), a third that must beat the champion by an
     impossible margin (rejected: the champion stays and the check says why), and a fourth on
-    other data, whose eval set differs, so no comparison is made at all."""
+    other data, whose eval set differs, so the champion is evaluated on the fourth's set
+    (sl_basic/champion_eval) and compared there."""
     registry, store = ModelRegistry(), ArtifactStore()
     assert run_job("sl_basic", with_ops(sl_basic__checkpoint={"max_steps": 20})).success
     assert registry.resolve("sl_basic@champion")["version"] == 1
@@ -132,16 +241,19 @@ def test_second_training_becomes_champion_only_by_the_margin(homes, capsys):
     assert evaluation.metadata["champion_now"].value == 2
     assert registry.models()["sl_basic"]["aliases"] == {"latest": 3, "staging": 3, "champion": 2}
 
-    # other data, so another held-out split: a better-looking number on it proves nothing against v2's
-    fourth = run_job("sl_basic", with_ops(sl_basic__dataset={"seed": 2}))
+    # other data, so another held-out split: its number proves nothing against v2's own, so v2 is
+    # evaluated on v4's split and compared there (an impossible margin keeps the champion)
+    fourth = run_job("sl_basic", with_ops(sl_basic__dataset={"seed": 2}, sl_basic__registered_model={"promotion_margin": 5.0}))
     evaluation, v4 = gate_evaluation(fourth), registry.resolve("sl_basic:4")
     assert fourth.success and not evaluation.passed and v4["eval_set"] != v2["eval_set"]
-    assert f"evaluated on eval set {v4['eval_set'][:12]} and champion v2 on {v2['eval_set'][:12]}" in evaluation.description
+    assert "does not beat champion v2" in evaluation.description and f"both on eval set {v4['eval_set'][:12]}" in evaluation.description
+    assert v4["decision"]["champion_value_from"]["asset"] == "sl_basic/champion_eval"
+    assert v4["decision"]["champion_value"] != v2["metrics"]["test/nll"]
     assert registry.models()["sl_basic"]["aliases"] == {"latest": 4, "staging": 4, "champion": 2}
     capsys.readouterr()
     assert crucible(["models", "--json"]) == 0
     listed = {v["version"]: v for v in json.loads(capsys.readouterr().out)["sl_basic"]["versions"]}
-    assert listed[4]["eval_set"] == v4["eval_set"] and listed[4]["decision"]["eval_set"] is None
+    assert listed[4]["eval_set"] == v4["eval_set"] and listed[4]["decision"]["eval_set"] == v4["eval_set"]
     assert listed[2]["decision"]["eval_set"] == v1["eval_set"]
 
     capsys.readouterr()

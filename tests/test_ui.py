@@ -111,7 +111,7 @@ def test_browser_shows_recipe_groups_checkpoint_metadata_and_plots(webserver, br
     browser.save_screenshot(str(SCREENSHOTS / "1_recipe_groups.png"))
 
     browser.get(f"{url}/locations/crucible_jobs/asset-groups/sl_basic")  # one recipe's asset graph
-    stages = ["base_model", "dataset", "tokenized", "checkpoint", "eval_report", "registered_model"]
+    stages = ["base_model", "dataset", "tokenized", "checkpoint", "eval_report", "champion_eval", "registered_model"]
     wait_for(browser, lambda d: all(s in body_text(d).split("\n") for s in stages), "sl_basic's stages in its graph")
     dismiss_newsletter(browser)
     time.sleep(1)  # let the graph finish its layout animation before the picture

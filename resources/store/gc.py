@@ -1,10 +1,11 @@
 """`crucible gc`: drop what nothing in a local store reaches, and nothing else.
 
-What is live. The roots are every ref (refs/**/<stage>.json) and every registry version's
-fingerprint; the live manifests are the roots plus their whole ancestry (lineage.ancestry,
-the one walk of the upstream graph). An object is live when a live manifest names its
-content hash, as its own bytes or as an upstream's (kept even where that upstream's manifest
-is gone), or when a root names it. Two fingerprints can share bytes, so a manifest no root
+What is live. The roots are every ref (refs/**/<stage>.json), every registry version's
+fingerprint and the champion_eval artifact each promotion decision took the champion's
+value from (`champion_value_from`: the decision's evidence); the live manifests are the
+roots plus their whole ancestry (lineage.ancestry, the one walk of the upstream graph). An
+object is live when a live manifest names its content hash, as its own bytes or as an
+upstream's (kept even where that upstream's manifest is gone), or when a root names it. Two fingerprints can share bytes, so a manifest no root
 reaches is garbage only together with its object: when no live manifest shares that content
 hash, both go; otherwise the manifest stays too (a few hundred bytes, and a cache hit).
 
@@ -144,7 +145,8 @@ def builds_in_progress(base: Path) -> list[str]:
 
 
 def roots(store: ArtifactStore, registry: ModelRegistry) -> list[tuple[str, str, str]]:
-    """(fingerprint, content_hash, where) of every ref and every registry version."""
+    """(fingerprint, content_hash, where) of every ref, every registry version and every
+    champion_eval a promotion decision compared with."""
     found = []
     for path in sorted((store.base / "refs").rglob("*.json")):
         try:
@@ -159,6 +161,9 @@ def roots(store: ArtifactStore, registry: ModelRegistry) -> list[tuple[str, str,
     for name, model in sorted(models.items()):
         for v in model["versions"]:
             found.append((v["fingerprint"], v.get("content_hash", ""), f"{name}:{v['version']}"))
+            source = v.get("decision", {}).get("champion_value_from", {})
+            if source.get("source") == "champion_eval":
+                found.append((source["fingerprint"], source["data_version"], f"{name}:{v['version']}'s decision"))
     return found
 
 

@@ -94,9 +94,25 @@ class ModelRegistry(ConfigurableResource):
                       who=f"run {entry.get('run_id')}")
         return version
 
-    def judge(self, name: str, version: int, who: str) -> dict:
+    def champion_for(self, name: str, eval_report: str) -> dict | None:
+        """The champion the version registered from `eval_report` (an eval report's
+        fingerprint) is judged against: the one its recorded decision names once it was
+        judged (a version is judged once), else the current champion; None when there is
+        none. So an eval of that champion on the candidate's set (champion_eval) keeps its
+        inputs, and its cache, after the candidate itself became champion."""
+        model = self.models().get(check_name(name))
+        if model is None:
+            return None
+        judged = [v["decision"] for v in model["versions"] if v.get("eval_report") == eval_report and "decision" in v]
+        number = judged[-1]["champion"] if judged else model["aliases"].get("champion")
+        return None if number is None else _version(model, name, number)
+
+    def judge(self, name: str, version: int, who: str, measured: dict | None = None) -> dict:
         """The promotion gate: `version` becomes champion if its gate metric beats the
-        current champion's by more than the margin. A version is judged once, when first
+        current champion's by more than the margin, both measured on one eval set: the
+        champion's own report when it was measured on the candidate's set, else `measured`
+        (the record of `<recipe>/champion_eval`: the champion evaluated on the candidate's
+        set, with `source` naming that artifact). A version is judged once, when first
         checked; later checks report that decision and move nothing (so re-running a cached
         job never undoes a person's rollback)."""
         with self._locked() as (data, events):
@@ -113,7 +129,8 @@ class ModelRegistry(ConfigurableResource):
             elif champion == version:  # promoted by hand before its check ran
                 decision |= {"passed": True, "reason": f"v{version} is already champion"}
             else:
-                decision |= _compare(entry, model["versions"][champion - 1], gate)
+                decision |= _compare(entry, model["versions"][champion - 1], gate, measured)
+            decision["verdict"] = "promoted" if decision["passed"] else decision.get("verdict", "not promoted")
             entry["decision"] = decision
             events.append(_event("judge", name, version, decision["reason"], who=who, passed=decision["passed"]))
             if decision["passed"] and champion != version:
@@ -188,27 +205,49 @@ def _version(model: dict, name: str, number: int) -> dict:
     return model["versions"][number - 1]
 
 
-def _compare(candidate: dict, champion: dict, gate: dict) -> dict:
+def _compare(candidate: dict, champion: dict, gate: dict, measured: dict | None) -> dict:
     """Like with like only: two values of a metric compare when both were measured on one
-    eval set (the same held-out data, eval config and eval code); otherwise no verdict."""
+    eval set (the same held-out data, eval config and eval code). The champion's value is
+    its own report's when that was measured on the candidate's set; otherwise `measured`'s,
+    if it is an eval of this champion on the candidate's set; otherwise no verdict, and the
+    reason names both sets (and why the champion could not be evaluated on the candidate's)."""
     metric, margin, lower = gate["metric"], gate["margin"], gate["lower_is_better"]
     mine, theirs = candidate.get("eval_set"), champion.get("eval_set")
-    if mine != theirs:
-        return {"passed": False, "champion_value": champion["metrics"].get(metric), "eval_set": None,
+    new = candidate["metrics"].get(metric)
+    if mine == theirs:
+        best = champion["metrics"].get(metric)
+        source = {"source": "own_eval_report", "version": champion["version"], "fingerprint": champion["fingerprint"]}
+        how = ""
+    elif _measures(measured, champion, mine) and measured["status"] == "evaluated":
+        best, source = measured["champion_value"], {"source": "champion_eval", **measured["source"]}
+        how = (f" (v{champion['version']} evaluated on this set by {source['asset']} {source['data_version'][:12]}; its own "
+               f"report was on eval set {_short(theirs)})")
+    else:
+        why = (f"v{champion['version']} could not be evaluated on {_short(mine)}: {measured['reason']}"
+               if _measures(measured, champion, mine) else f"no eval of v{champion['version']} on {_short(mine)} was found")
+        return {"passed": False, "verdict": "not compared", "champion_value": None, "eval_set": None,
+                "eval_sets": {"candidate": mine, "champion": theirs},
                 "reason": f"v{candidate['version']} was evaluated on eval set {_short(mine)} and champion "
-                          f"v{champion['version']} on {_short(theirs)}: their {metric} values do not compare, so the "
-                          "champion stays; evaluate both on one set, or promote by hand (crucible models promote)"}
-    new, best = candidate["metrics"].get(metric), champion["metrics"].get(metric)
+                          f"v{champion['version']} on {_short(theirs)}, and {why}: their {metric} values do not compare, "
+                          "so the champion stays; evaluate both on one set, or promote by hand (crucible models promote)"}
     if new is None or best is None:
-        return {"passed": False, "champion_value": best,
+        return {"passed": False, "verdict": "not compared", "champion_value": best, "eval_set": mine,
+                "champion_value_from": source,
                 "reason": f"{metric} missing from v{candidate['version'] if new is None else champion['version']}'s eval report"}
     gain = best - new if lower else new - best
     better = "lower" if lower else "higher"
     verdict = "beats" if gain > margin else "does not beat"
-    return {"passed": gain > margin, "champion_value": best, "improvement": gain, "eval_set": mine,
+    return {"passed": gain > margin, "champion_value": best, "champion_value_from": source, "improvement": gain,
+            "eval_set": mine,
             "reason": f"v{candidate['version']} {verdict} champion v{champion['version']} on {metric} ({better} is better) "
                       f"by more than the margin {margin}: {new:.4f} vs {best:.4f}, improvement {gain:+.4f}"
-                      + (f", both on eval set {_short(mine)}" if mine else "")}
+                      + (f", both on eval set {_short(mine)}" if mine else "") + how}
+
+
+def _measures(measured: dict | None, champion: dict, eval_set: str | None) -> bool:
+    """`measured` is an eval of this very champion (its registered bytes) on `eval_set`."""
+    measured_champion = (measured or {}).get("champion") or {}
+    return bool(measured) and measured["eval_set"] == eval_set and measured_champion.get("fingerprint") == champion["fingerprint"]
 
 
 def _short(eval_set: str | None) -> str:
