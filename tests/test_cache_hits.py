@@ -65,7 +65,8 @@ def test_a_changed_dataset_is_validated_again(homes, monkeypatch):
     monkeypatch.setattr(checks, "validate", lambda df: calls.append(len(df)) or real(df))
     config = {"ops": {"sl_basic__dataset": {"config": {"num_examples": 300}}}}
     assert run_job("sl_basic", config, assets=[DATASET]).success
-    assert calls == [300]
+    summary = ArtifactStore().manifest(ArtifactStore().latest(DATASET).fingerprint)["summary"]
+    assert calls == [summary["train_rows"] + summary["test_rows"]]  # 300 records, less repeats of held-out items
 
 
 def test_open_verified_hashes_once_until_a_file_changes(tmp_path, monkeypatch):
