@@ -50,33 +50,33 @@ def eval_set(held_out: str, eval_config: dict, code_version: str) -> dict:
 def evaluate_model(recipe: str, algorithm: Algorithm, store: ArtifactStore, backend: TrainingBackendResource,
                    config: EvalConfig, model_dir: Path, inputs: dict[str, ArtifactRef]) -> tuple[dict, TrainingClient]:
     """The algorithm's `evaluate` of the model in `model_dir` against the starting model, on an
-    eval report's `inputs` (by stage: checkpoint, tokenized, base_model): the checkpoint's
-    train config and other model stages (a teacher), the held-out rows, and the eval set they
-    make. The eval report runs it on its checkpoint; champion_eval runs it on the champion
-    with the candidate report's inputs, so both measure on one eval set."""
+    eval report's `inputs` (by stage: checkpoint, tokenized, base_model, the held-out stage):
+    the checkpoint's train config and other model stages (a teacher), the held-out rows, and
+    the eval set they make. The eval report runs it on its checkpoint; champion_eval runs it
+    on the champion with the candidate report's inputs, so both measure on one eval set."""
     trained_with = store.manifest(inputs["checkpoint"].fingerprint)
     upstream = {u["key"]: store.lookup(u["fingerprint"]) for u in trained_with["upstream"]}
-    tokenized = inputs["tokenized"]
+    held_out = inputs[algorithm.held_out]
     start = backend.create_training_client(inputs["base_model"].dir, 0, config.seed)
     trained = backend.create_training_client(model_dir, 0, config.seed)
     models = {name: backend.create_training_client(store.open_verified(upstream[f"{recipe}/{name}"]), 0, config.seed)
               for name in algorithm.eval_models}
-    report = algorithm.evaluate(EvalRun(start, trained, read_rows(tokenized, "test"), config,
-                                        algorithm.train_config(**trained_with["config"]), read_stop(tokenized), models,
-                                        read_ood_rows(tokenized)))
-    report["eval_set"] = eval_set(store.manifest(tokenized.fingerprint)["files"]["test.parquet"], config.model_dump(),
+    report = algorithm.evaluate(EvalRun(start, trained, read_rows(held_out, "test"), config,
+                                        algorithm.train_config(**trained_with["config"]), read_stop(inputs["tokenized"]), models,
+                                        read_ood_rows(held_out)))
+    report["eval_set"] = eval_set(store.manifest(held_out.fingerprint)["files"]["test.parquet"], config.model_dump(),
                                   algorithm.eval_version)
     return report, trained
 
 
 def eval_report_asset(recipe: str, algorithm: Algorithm, config_cls: type[EvalConfig]):
+    stages = dict.fromkeys(("checkpoint", "tokenized", algorithm.held_out, "base_model"))  # the manifest's upstream order
+
     @asset(key=key(recipe, "eval_report"), group_name=recipe, code_version=algorithm.eval_version, kinds={"json"},
-           ins={"checkpoint": AssetIn(key=key(recipe, "checkpoint")), "tokenized": AssetIn(key=key(recipe, "tokenized")),
-                "base_model": AssetIn(key=key(recipe, "base_model"))},
-           description=algorithm.eval_description)
+           ins={s: AssetIn(key=key(recipe, s)) for s in stages}, description=algorithm.eval_description)
     def _eval_report(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
-                     checkpoint: ArtifactRef, tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
-        inputs = {"checkpoint": checkpoint, "tokenized": tokenized, "base_model": base_model}
+                     **inputs: ArtifactRef) -> Output[ArtifactRef]:
+        checkpoint = inputs["checkpoint"]
 
         def build(out, _work):
             report, trained = evaluate_model(recipe, algorithm, store, backend, config, checkpoint.dir / "model", inputs)
@@ -90,7 +90,7 @@ def eval_report_asset(recipe: str, algorithm: Algorithm, config_cls: type[EvalCo
                 summary["plots"].append("training_curve.png")
             return summary
 
-        return cached_artifact(context, store, config=config.model_dump(), upstream=inputs, build=build,
-                               backend=backend.identity())
+        return cached_artifact(context, store, config=config.model_dump(), upstream={s: inputs[s] for s in stages},
+                               build=build, backend=backend.identity())
 
     return _eval_report

@@ -147,7 +147,7 @@ def test_browser_shows_recipe_groups_checkpoint_metadata_and_plots(webserver, br
     table = wait_for(browser, lambda d: d.find_elements(By.XPATH, "//tr[.//td[normalize-space()='eval_table']]//table"),
                      "the eval report's comparison table")[0]
     rows = table.text.splitlines()
-    assert rows[0].split() == ["metric", "start", "trained", "trained_ci", "gain", "gain_ci"]
+    assert rows[0].split() == ["metric", "start", "trained", "trained_ci", "gain", "gain_ci", "verdict"]
     assert any(r.startswith("test/nll ") for r in rows) and any(r.startswith("test/accuracy ") for r in rows)
     browser.execute_script("arguments[0].scrollIntoView({block: 'center', inline: 'nearest'});", table)
     browser.save_screenshot(str(SCREENSHOTS / "6_eval_table.png"))
