@@ -24,6 +24,7 @@ TINY_RUN_CONFIG = {
         "chat_sl__checkpoint": {"config": {"max_steps": 30, "eval_every": 15, "save_every": 15, "learning_rate": 3e-3}},
         "chat_sl__eval_report": {"config": {"max_tokens": 12, "bootstrap_samples": 300}},
         "dpo__dataset": {"config": {"num_examples": 300}},
+        "dpo__pairs": {"config": {"samples_per_prompt": 2, "max_tokens": 12}},
         "dpo__checkpoint": {"config": {"max_steps": 20, "eval_every": 10, "save_every": 10}},
         "dpo__eval_report": {"config": {"max_tokens": 12, "bootstrap_samples": 300}},
         "math_rl__dataset": {"config": {"num_examples": 200}},

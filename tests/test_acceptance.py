@@ -1,0 +1,58 @@
+"""The embedded default chains at full size, as `dagster job execute -m crucible_jobs -j dpo`
+and `-j distillation` run them, meet the recipes' acceptance figures: every trained model
+beats its start on its gate metric with a 95% CI clear of zero, and no guard metric
+regresses past its margin. Precision and thread count are pinned (fp32; threads from
+CRUCIBLE_TEST_THREADS, default 2), so a figure means the same on every machine; the margins
+each test asserts are the smallest the figures cleared at 1 and at 2 threads, with room."""
+
+import json
+import os
+
+import pytest
+
+from conftest import run_job
+from recipes import discover
+from resources.store.artifact_store import ArtifactStore
+from resources.store.registry import ModelRegistry
+
+THREADS = int(os.environ.get("CRUCIBLE_TEST_THREADS", "2"))
+PINNED = {"resources": {"backend": {"config": {"local": {"precision": "fp32", "threads": THREADS}}}}}
+RECIPES = {r.name: r for r in discover()}
+
+
+def report(recipe: str) -> dict:
+    store = ArtifactStore()
+    return json.loads((store.latest(f"{recipe}/eval_report").dir / "report.json").read_text())
+
+
+def assert_gate_clears(recipe: str, margin: float) -> dict:
+    """The recipe's own gate passes, and its primary gain's CI clears zero by `margin` (in the
+    metric's units, in its better direction)."""
+    r, gate = report(recipe), RECIPES[recipe].gate
+    passed, lines = gate.judge(r)
+    assert passed, f"{recipe}: " + "; ".join(lines)
+    lo, hi = r[f"{gate.metric}_delta_ci"]
+    assert (lo if gate.higher_is_better else -hi) > margin, f"{recipe}: {gate.metric} gain CI [{lo:.4g}, {hi:.4g}]"
+    return r
+
+
+@pytest.mark.slow
+def test_dpo_chain(homes):
+    """sl_basic, chat_sl and dpo (on-policy pairs) each register a model that beats its start."""
+    assert run_job("dpo", PINNED).success
+    assert_gate_clears("sl_basic", margin=1.0)  # test/nll, nats per token
+    chat = assert_gate_clears("chat_sl", margin=0.5)
+    assert chat["test/accuracy_delta_ci"][0] > 0
+    assert_gate_clears("dpo", margin=0.0)
+    assert {m: len(v["versions"]) for m, v in ModelRegistry().models().items()} == {"sl_basic": 1, "chat_sl": 1, "dpo": 1}
+
+
+@pytest.mark.slow
+def test_distillation_chain(homes):
+    """sl_basic, math_rl (sample accuracy up, greedy accuracy guarded) and distillation (the
+    student's greedy accuracy up from nothing) each register a model that beats its start."""
+    assert run_job("distillation", PINNED).success
+    assert_gate_clears("sl_basic", margin=1.0)
+    assert_gate_clears("math_rl", margin=0.0)
+    assert_gate_clears("distillation", margin=0.0)
+    assert {m: len(v["versions"]) for m, v in ModelRegistry().models().items()} == {"sl_basic": 1, "math_rl": 1, "distillation": 1}
