@@ -275,18 +275,19 @@ def held_out_metrics(policy: dict, ref: dict, cfg: DpoConfig, prefix: str) -> di
 
 
 def evaluate_dpo(run: EvalRun) -> dict:
-    """Held-out pairs, with the start as the reference. The gate's `test/pref_accuracy` asks
-    whether the policy itself ranks the chosen answer above the rejected one (summed
-    completion log-probs, a tie counting half), for the trained model and its start alike:
-    unlike TRL's implicit-reward `rewards/accuracies`, which is fixed at 0 for the start
-    (policy = reference), it is a behaviour both models have. The implicit-reward margin and
-    TRL's reward metrics are reported beside it, and greedy answer accuracy before and after
-    completes the report (the gate's guard)."""
+    """Held-out pairs, with the start as the reference, asked of each model itself:
+    `test/logp_margin`, the mean of its summed completion log-prob of chosen minus rejected
+    (in nats; its gain is the implicit reward margin divided by beta), and
+    `test/pref_accuracy`, the share of pairs it ranks right (a tie counting half). Both are
+    behaviours the start has too; TRL's implicit-reward `rewards/accuracies` is fixed at 0 for
+    the start (policy = reference) and is reported beside them, not compared. Greedy answer
+    accuracy before and after completes the report (the gate's guard)."""
     start, trained, rows, cfg, dpo = run.start, run.trained, run.rows, run.config, run.train_config
     policy, reference = completion_logps(trained, rows), completion_logps(start, rows)
     (pc, pr), (rc, rr) = (_scores(d, ipo=False) for d in (policy, reference))
     ranked = lambda logps: (logps["chosen_logps"] > logps["rejected_logps"]) + 0.5 * (logps["chosen_logps"] == logps["rejected_logps"])  # noqa: E731
     per_pair = {
+        "test/logp_margin": (policy["chosen_logps"] - policy["rejected_logps"], reference["chosen_logps"] - reference["rejected_logps"]),
         "test/pref_accuracy": (ranked(policy).astype(float), ranked(reference).astype(float)),
         "test/rewards/margins": (dpo.beta * ((pc - rc) - (pr - rr)), np.zeros(len(rows))),
     }
@@ -309,13 +310,14 @@ ALGORITHM = Algorithm(
     evaluate=evaluate_dpo,
     loss_key="dpo_loss",
     eval_key="test/dpo_loss",
-    report_metric=("test/pref_accuracy", "held-out preference accuracy"),
+    report_metric=("test/logp_margin", "held-out log-prob margin, chosen - rejected (nats)"),
     inputs=("pairs", "reference_logprobs"),
     held_out="pairs",
-    eval_version="3",  # 3: pref_accuracy is the policy's own ranking, on the pairs stage's held-out split; a verdict column
+    eval_version="3",  # 3: the model's own margin and ranking on the pairs stage's held-out split; a verdict column
     stages=(pairs_asset, reference_logprobs_asset),
     checkpoint_description="DPO fine-tune of the starting model against its cached reference log-probs: HF model dir, "
                            "resumable optimizer state, per-step metrics (TRL names) and a loss curve.",
-    eval_description="Held-out preference accuracy (chosen log-prob above rejected) and implicit-reward "
-                     "margins vs. the starting policy, and greedy answer accuracy before and after, with bootstrap CIs.",
+    eval_description="The model's own held-out log-prob margin (chosen minus rejected) and preference accuracy "
+                     "(chosen above rejected) vs. the starting model's, implicit-reward margins, and greedy answer "
+                     "accuracy before and after, with paired bootstrap CIs.",
 )
