@@ -44,7 +44,8 @@ def test_distillation_from_a_local_teacher_off_then_on(homes):
     assert teacher["summary"]["source"] == teacher_dir and teacher["upstream"] == []
 
     samples = pq.read_table(store.latest("distillation/teacher_samples").dir / "samples.parquet").to_pylist()
-    assert len(samples) == 2 * 108  # two teacher completions per training prompt (90% of 120)
+    train_rows = store.manifest(store.latest("distillation/dataset").fingerprint)["summary"]["train_rows"]
+    assert len(samples) == 2 * train_rows  # two teacher completions per training prompt
     assert all(len(s["teacher_logprobs"]) == len(s["tokens"]) - 1 == len(s["weights"]) - 1 for s in samples)
 
     rows = [json.loads(line) for line in (store.latest("distillation/checkpoint").dir / "metrics.jsonl").read_text().splitlines()]
