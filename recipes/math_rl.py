@@ -3,9 +3,10 @@ graded, rewards centered within each group, and the sampled tokens trained with 
 importance-sampling loss (or PPO).
 
 By default it continues from sl_basic's registered model (lineage math_rl <- sl_basic <-
-base) on sl_basic's one-digit arithmetic questions, graded on the last integer of the answer.
-sl_basic's model answers them greedily but not yet reliably when it samples; RL sharpens it. GSM8K
-and MATH load through `datasets` (examples/math_rl.yaml)."""
+base) on sl_basic's arithmetic questions (operands 0..19), graded on the last integer of the
+answer; a fifth of the distinct questions are held out, never trained on, and problems with
+operands 20..29 are an out-of-distribution eval reported apart. GSM8K and MATH load through
+`datasets` (examples/math_rl.yaml)."""
 
 from pydantic import NonNegativeInt, PositiveInt
 
@@ -13,12 +14,14 @@ from crucible_assets.data import MaxLength, TokenizeConfig
 from crucible_assets.recipe import Gate, Guard, Recipe
 from crucible_assets.train import rl
 from crucible_assets.train.loop import LrSchedule, PositiveFinite
-from resources.datasets.sources import DatasetConfig, Generator
+from resources.datasets.sources import DatasetConfig, Generator, OodGenerator
 
 
 class MathRlDataset(DatasetConfig):
-    generator: Generator = "one_digit_problems"
+    generator: Generator = "arithmetic_problems"
     num_examples: NonNegativeInt = 2000
+    test_fraction: float = 0.2  # 113 of the 566 questions 2000 draws hit: CIs of about +-0.03 on sample accuracy
+    ood_generator: OodGenerator = "twenties_problems"  # operands 20..29, never trained on: reported as test_ood/
 
 
 class MathRlTokenize(TokenizeConfig):

@@ -1,6 +1,6 @@
 """math_rl end to end through Dagster on a tiny model: the chain from sl_basic, RL metrics
-in metrics.jsonl, the eval report with pass@k, the gate deciding registration, a cached
-re-run."""
+in metrics.jsonl, the eval report with pass@k (and its out-of-distribution section), the gate
+deciding registration, a cached re-run."""
 
 import json
 
@@ -25,6 +25,10 @@ def test_math_rl_chain_metrics_report_and_gate(homes):
     assert len(metrics) == 6 and {"env/all/reward/total", "env/all/by_group/frac_mixed", "optim/entropy"} <= set(metrics[0])
     report = json.loads((store.latest("math_rl/eval_report").dir / "report.json").read_text())
     assert {"test/accuracy", "start/test/accuracy", "test/pass@2", "test/accuracy_delta_ci"} <= set(report)
+    # the out-of-distribution problems (operands never trained on) are reported apart, with their CIs
+    assert {"test_ood/sample_accuracy", "start/test_ood/sample_accuracy", "test_ood/sample_accuracy_delta_ci",
+            "test_ood/pass@2"} <= set(report) and report["num_ood_problems"] > 100
+    assert "Out of distribution" in (store.latest("math_rl/eval_report").dir / "report.md").read_text()
     base = store.manifest(store.latest("math_rl/base_model").fingerprint)
     assert [u["key"] for u in base["upstream"]] == ["sl_basic/registered_model"]
     # the blocking gate alone decides whether a version is registered: its primary metric and its guard

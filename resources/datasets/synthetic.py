@@ -83,11 +83,10 @@ def arithmetic_problems(n: int, seed: int, max_operand: int = 19, min_operand: i
 
 
 GENERATORS = {"arithmetic": arithmetic_conversations, "arithmetic_chat": arithmetic_chats, "arithmetic_pairs": arithmetic_pairs,
+              # math_rl's default: sl_basic's 610 questions (operands 0..19), enough distinct ones for a held-out set
               "arithmetic_problems": arithmetic_problems,
-              # math_rl's default: sl_basic answers these greedily (0.94) but not yet when sampling
-              # at T=1 (0.54), and 155 distinct problems are revisited often enough for RL to close that gap
-              "one_digit_problems": lambda n, seed: arithmetic_problems(n, seed, max_operand=9),
-              # an out-of-distribution eval set (ood_generator): operands no default task trains on (155 questions)
+              "one_digit_problems": lambda n, seed: arithmetic_problems(n, seed, max_operand=9),  # 155 questions
+              # math_rl's out-of-distribution eval: operands no default task trains on (155 questions)
               "twenties_problems": lambda n, seed: arithmetic_problems(n, seed, max_operand=29, min_operand=20)}
 
 
