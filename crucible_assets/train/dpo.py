@@ -122,10 +122,10 @@ def pairs_asset(recipe: str):
                tokenized: ArtifactRef, base_model: ArtifactRef) -> Output[ArtifactRef]:
         def sample(client, rows: list[dict], split: str) -> list[list[SampledSequence]]:
             """In chunks, each with its own seed, so memory stays bounded and the log shows progress."""
-            groups = []
+            groups, stop = [], read_stop(tokenized)
             for start in range(0, len(rows), SAMPLE_CHUNK):
                 params = SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature,
-                                        stop=read_stop(tokenized), seed=config.seed + start)
+                                        stop=stop, seed=config.seed + start)
                 groups += client.sample([list(r["prompt_tokens"]) for r in rows[start:start + SAMPLE_CHUNK]],
                                         config.samples_per_prompt, params)
                 context.log.info(f"{split}: sampled {len(groups)}/{len(rows)} prompts x {config.samples_per_prompt}")
