@@ -55,10 +55,29 @@ def body_text(driver) -> str:
     return driver.find_element(By.TAG_NAME, "body").text
 
 
+def click(driver, find, what: str) -> None:
+    """Clicks the last element `find(driver)` returns once nothing covers it: a dialog that is
+    still fading in or out, or the community dialog opening late, would take the click."""
+    from selenium.common.exceptions import ElementClickInterceptedException, StaleElementReferenceException
+
+    def clicked(d) -> bool:
+        found = find(d)
+        if not found:
+            return False
+        try:
+            found[-1].click()
+            return True
+        except (ElementClickInterceptedException, StaleElementReferenceException):
+            dismiss_newsletter(d)
+            return False
+
+    wait_for(driver, clicked, what)
+
+
 def click_text(driver, text: str, what: str) -> None:
     from selenium.webdriver.common.by import By
 
-    wait_for(driver, lambda d: d.find_elements(By.XPATH, f"//*[contains(text(), '{text}')]"), what)[-1].click()
+    click(driver, lambda d: d.find_elements(By.XPATH, f"//*[contains(text(), '{text}')]"), what)
 
 
 def dismiss_newsletter(driver) -> None:

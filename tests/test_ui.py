@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_RUN_CONFIG, config_for, env_with, run_job
-from browser import RECIPE_GROUPS, SCREENSHOTS, body_text, browser, click_text, dismiss_newsletter, wait_for  # noqa: F401
+from browser import RECIPE_GROUPS, SCREENSHOTS, body_text, browser, click, click_text, dismiss_newsletter, wait_for  # noqa: F401
 from local_services import free_port, wait_for_http
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,14 +127,16 @@ def test_browser_shows_recipe_groups_checkpoint_metadata_and_plots(webserver, br
     browser.save_screenshot(str(SCREENSHOTS / "3_checkpoint_metadata.png"))
 
     click_text(browser, "Show Markdown", "the loss_curve markdown")
+    # the dialog fades in: the image is in the page (decoded) a moment before it is displayed
     image = wait_for(browser, lambda d: [i for i in d.find_elements(By.CSS_SELECTOR, "img[src^='data:image/png']")
-                                         if int(i.get_attribute("naturalWidth") or 0) > 0], "the loss-curve PNG")[0]
-    assert image.is_displayed() and image.get_attribute("alt") == "loss_curve.png"
+                                         if int(i.get_attribute("naturalWidth") or 0) > 0 and i.is_displayed()],
+                     "the loss-curve PNG, displayed")[0]
+    assert image.get_attribute("alt") == "loss_curve.png" and image.size["width"] > 300
     browser.save_screenshot(str(SCREENSHOTS / "4_checkpoint_loss_curve.png"))
     click_text(browser, "Close", "the dialog's Close button")
 
-    wait_for(browser, lambda d: [b for b in d.find_elements(By.XPATH, "//button[normalize-space()='Plots']")
-                                 if b.is_displayed()], "the Plots tab")[0].click()
+    click(browser, lambda d: [b for b in d.find_elements(By.XPATH, "//button[normalize-space()='Plots']") if b.is_displayed()],
+          "the Plots tab")
     plot = wait_for(browser, lambda d: d.find_elements(By.XPATH, "//*[normalize-space()='train_mean_nll']"),
                     "the train_mean_nll plot")[0]
     canvases = wait_for(browser, lambda d: d.find_elements(By.TAG_NAME, "canvas"), "a chart canvas")
