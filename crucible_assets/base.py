@@ -32,7 +32,8 @@ def train_tokenizer(out_dir: Path, vocab_size: int, seed: int) -> "PreTrainedTok
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -108,7 +109,7 @@ class TinyModelConfig(Config):
     seed: int = 0
 
 
-@asset(key=key("base", "tokenizer"), group_name="base", code_version="2", kinds={"huggingface"},
+@asset(key=key("base", "tokenizer"), group_name="base", code_version="3", kinds={"huggingface"},
        description="Byte-level BPE trained on a corpus covering every default task, with a ChatML template.")
 def base_tokenizer(context: AssetExecutionContext, config: TokenizerConfig, store: ArtifactStore) -> Output[ArtifactRef]:
     def build(out, _work):

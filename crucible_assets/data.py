@@ -38,7 +38,7 @@ class TokenizeConfig(Config):
 
 
 def dataset_asset(recipe: str, config_cls: type[DatasetConfig], kind: DataKind):
-    @asset(key=key(recipe, "dataset"), group_name=recipe, code_version="3", kinds={"json", "great_expectations"},
+    @asset(key=key(recipe, "dataset"), group_name=recipe, code_version="4", kinds={"json", "great_expectations"},
            description="The training records, read from the configured source (a generated task, a local JSONL/Parquet "
                        "file or a hub dataset), validated, split into train and held-out test by item (a held-out prompt or "
                        "question is never trained on, and is tested once), plus test_ood where the config names an "

@@ -4,7 +4,7 @@ samples) or one then the other.
 
 By default the teacher is math_rl's registered model and the student a freshly initialised
 base/tiny_llama_small (a fifth of the teacher's parameters) on the same tokenizer, on
-math_rl's one-digit arithmetic questions. `distillation__teacher` and `distillation__base_model` take
+math_rl's arithmetic questions, holding out the same ones. `distillation__teacher` and `distillation__base_model` take
 a local HF dir or hub id instead (they must share a tokenizer). Lineage: the registered
 student is `distilled_from` the teacher, whose own lineage reaches its data."""
 
@@ -18,8 +18,9 @@ from resources.datasets.sources import DatasetConfig, Generator
 
 
 class DistillDataset(DatasetConfig):
-    generator: Generator = "one_digit_problems"
+    generator: Generator = "arithmetic_problems"
     num_examples: NonNegativeInt = 2000
+    test_fraction: float = 0.2  # math_rl's held-out questions: neither the teacher's chain nor the student trains on them
 
 
 class DistillTokenize(TokenizeConfig):

@@ -29,9 +29,9 @@ class MathRlTokenize(TokenizeConfig):
 
 
 class MathRlTrain(rl.RlConfig):
-    # measured: sl_basic's model sits in a sharp minimum (its schedule decays to zero); Adam
-    # steps above ~5e-5 undo more than the noisy policy gradient gains, so: small, constant, many
-    learning_rate: PositiveFinite = 5e-5
+    # measured (fp32, default chain): 1e-4 for 100 steps gains as much held-out sample accuracy
+    # as 5e-5 for 200; sl_basic's schedule decays to zero, so a constant rate here, not a warmup
+    learning_rate: PositiveFinite = 1e-4
     lr_schedule: LrSchedule = "constant"
     batch_size: PositiveInt = 32
     group_size: rl.GroupSize = 8

@@ -9,7 +9,7 @@ import pytest
 from conftest import TINY_RUN_CONFIG, run_job
 from crucible_assets.checks import offending_records, record_frame, validate
 from resources.datasets.sources import DatasetConfig, DatasetError, load_records
-from resources.datasets.splits import record_identity, split_records
+from resources.datasets.splits import held_out_score, record_identity, split_records
 from resources.datasets.synthetic import GENERATORS
 from resources.store.artifact_store import ArtifactRef, ArtifactStore
 
@@ -22,7 +22,9 @@ def assert_disjoint_by_identity(records, train, test, test_fraction):
     distinct = {record_identity(r) for r in records}
     train_ids, test_ids = [record_identity(r) for r in train], [record_identity(r) for r in test]
     assert not set(train_ids) & set(test_ids)
-    assert len(test_ids) == len(set(test_ids)) == max(1, round(len(distinct) * test_fraction))  # each held-out item once
+    assert len(test_ids) == len(set(test_ids))  # each held-out item once
+    # held out by a seeded hash: the share is test_fraction up to binomial noise (4 standard deviations)
+    assert abs(len(test_ids) / len(distinct) - test_fraction) <= 4 * (test_fraction * (1 - test_fraction) / len(distinct)) ** 0.5 + 1 / len(distinct)
     assert set(train_ids) | set(test_ids) == distinct
     assert len(train) == sum(record_identity(r) not in set(test_ids) for r in records)  # train keeps every repeat
 
@@ -37,6 +39,23 @@ def test_no_identity_is_on_both_sides_for_every_generator(generator, seed, test_
     assert split_records(records, test_fraction, seed) == (train, test)  # seeded
 
 
+def test_an_item_is_held_out_by_itself_the_seed_and_the_fraction_alone():
+    """So the recipes of a chain agree on every item they share, whatever else each one holds."""
+    chats = GENERATORS["arithmetic"](2000, 0)
+    problems = GENERATORS["arithmetic_problems"](700, 3)  # other draws of the same questions
+    chat_test = {record_identity(r) for r in split_records(chats, 0.2, 0)[1]}
+    problem_train, problem_test = split_records(problems, 0.2, 0)
+    shared = {record_identity(r) for r in chats} & {record_identity(r) for r in problems}
+    assert len(shared) > 300
+    assert {record_identity(r) for r in problem_test} & shared == chat_test & shared  # math_rl tests what sl_basic held out
+    assert not {record_identity(r) for r in problem_train} & chat_test
+    smaller = {record_identity(r) for r in split_records(chats, 0.1, 0)[1]}
+    assert smaller < chat_test  # a smaller fraction holds out a subset
+    assert {record_identity(r) for r in split_records(chats[:500], 0.2, 0)[1]} <= chat_test  # appending moves nothing
+    assert {record_identity(r) for r in split_records(chats, 0.2, 1)[1]} != chat_test  # the seed draws another set
+    assert all(held_out_score(i, 0) < 0.2 for i in chat_test)
+
+
 def test_identity_is_the_normalised_prompt_of_each_kind():
     assert record_identity(chat("What is  1 + 2?", "3")) == record_identity(chat("what is 1 + 2?\n", "1 + 2 = 3"))
     assert record_identity(chat("What is 1 + 2?", "3")) != record_identity(chat("What is 1 + 3?", "3"))
@@ -48,6 +67,7 @@ def test_identity_is_the_normalised_prompt_of_each_kind():
     pair = {"chosen": turns, "rejected": turns[:3] + [{"role": "assistant", "content": "8"}]}
     assert record_identity(pair) == record_identity({"messages": turns})
     assert record_identity({"question": "What is 2 + 2?", "answer": "4"}) == record_identity({"question": " WHAT is 2 +  2?", "answer": "5"})
+    assert record_identity({"question": "What is 2 + 2?", "answer": "4"}) == record_identity(chat("What is 2 + 2?", "2 + 2 = 4"))
     assert record_identity({"text": "A  b"}) == record_identity({"text": "a b"})
 
 
@@ -59,7 +79,7 @@ def test_a_user_file_with_repeated_prompts_splits_by_prompt_and_keeps_its_lines(
     records = load_records(DatasetConfig(source="jsonl", path=str(path), num_examples=0), sources=sources)
     train, test = split_records(list(zip(records, sources)), 0.3, 0, identity=lambda rs: record_identity(rs[0]))
     assert_disjoint_by_identity(records, [r for r, _ in train], [r for r, _ in test], 0.3)
-    assert len(test) == 2  # 7 distinct questions, 30% of them held out, each once
+    assert len(test) == 1  # 7 distinct questions, those whose seeded hash falls under 0.3 held out (one here), each once
     for record, origin in train + test:  # each record keeps the user's own line
         line = int(origin.rsplit("line ", 1)[1])
         assert origin.startswith(f"{path}: line ") and lines[line - 1] == record
@@ -102,4 +122,4 @@ def test_the_dataset_asset_holds_out_by_item_and_its_check_passes(homes, tmp_pat
     assert disjoint.passed
     ref = ArtifactStore().latest("sl_basic/dataset")
     summary = ArtifactStore().manifest(ref.fingerprint)["summary"]
-    assert (summary["train_items"], summary["test_items"], summary["train_rows"], summary["test_repeats_dropped"]) == (16, 4, 80, 16)
+    assert (summary["train_items"], summary["test_items"], summary["train_rows"], summary["test_repeats_dropped"]) == (15, 5, 75, 20)
