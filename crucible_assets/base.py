@@ -1,5 +1,7 @@
 """The `base/` group that every embedded default chain starts from: a byte-level BPE
-tokenizer with a ChatML template, trained on a corpus covering every default task, and tiny
+tokenizer with a ChatML template, trained on a corpus covering every default task, with
+numbers split into single digits as Llama's and Qwen's tokenizers split them (a sum the model
+never saw is then made of digits it did see, so held-out arithmetic is learnable), and tiny
 Llama-architecture models built from a config on it, saved in HF format so every later
 stage treats them exactly like hub models."""
 
@@ -110,7 +112,8 @@ class TinyModelConfig(Config):
 
 
 @asset(key=key("base", "tokenizer"), group_name="base", code_version="3", kinds={"huggingface"},
-       description="Byte-level BPE trained on a corpus covering every default task, with a ChatML template.")
+       description="Byte-level BPE trained on a corpus covering every default task, numbers split into digits, "
+                   "with a ChatML template.")
 def base_tokenizer(context: AssetExecutionContext, config: TokenizerConfig, store: ArtifactStore) -> Output[ArtifactRef]:
     def build(out, _work):
         tok = train_tokenizer(out, config.vocab_size, config.seed)

@@ -29,11 +29,13 @@ class DistillTokenize(TokenizeConfig):
 
 class DistillTrain(distill.DistillConfig):
     mode: distill.DistillMode = "off_then_on"
-    learning_rate: PositiveFinite = 3e-3
+    # measured (fp32, default chain): 1000 steps at 1e-3 take the student to the teacher's held-out
+    # accuracy; 600 steps stop halfway, and 3e-3 overshoots (as it does for sl_basic)
+    learning_rate: PositiveFinite = 1e-3
     batch_size: PositiveInt = 32
-    max_steps: NonNegativeInt = 300
-    eval_every: PositiveInt = 50
-    save_every: PositiveInt = 50
+    max_steps: NonNegativeInt = 1000
+    eval_every: PositiveInt = 250
+    save_every: PositiveInt = 250
 
 
 RECIPE = Recipe(

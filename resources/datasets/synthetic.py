@@ -32,14 +32,16 @@ def arithmetic_conversations(n: int, seed: int) -> list[dict]:
     return records
 
 
-def arithmetic_chats(n: int, seed: int) -> list[dict]:
-    """Multi-turn chats: a one-digit sum, then one or two "Now add d." follow-ups that build
-    on the previous answer; half open with a system prompt. Each answer needs the context
-    of the turns before it, and every answer is a number, so accuracy is graded."""
+def arithmetic_chats(n: int, seed: int, max_operand: int = 19) -> list[dict]:
+    """Multi-turn chats: a sum of operands up to `max_operand` (sl_basic's range), then one or
+    two "Now add d." follow-ups (d a digit) that build on the previous answer; half open with
+    a system prompt. Each answer needs the context of the turns before it, and every answer
+    is a number, so accuracy is graded. Two-digit sums keep the task hard enough that the
+    chat model still answers some wrong, which is what dpo's on-policy pairs learn from."""
     rng = random.Random(seed)
     records = []
     for _ in range(n):
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
         messages = [{"role": "system", "content": SYSTEM_PROMPT}] if rng.random() < 0.5 else []
         messages += [{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": f"{a} + {b} = {a + b}"}]
         total = a + b
@@ -97,7 +99,7 @@ def tokenizer_corpus(seed: int, n: int = 4000) -> list[str]:
     for _ in range(n):
         expr, answer = arithmetic_problem(rng)
         texts.append(f"What is {expr}? {expr} = {answer}. The answer is {answer}.")
-    for record in arithmetic_chats(n // 4, seed + 1):
+    for record in arithmetic_chats(n // 4, seed + 1, max_operand=9):  # the corpus the base tokenizer was trained on
         texts += [m["content"] for m in record["messages"]]
     texts += [str(i) for i in range(200)]
     texts += ["system", "user", "assistant", "tool", "User:", "Assistant:", "System:"] * 50
