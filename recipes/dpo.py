@@ -20,7 +20,7 @@ from resources.datasets.sources import DatasetConfig, Generator
 
 
 class DpoDataset(DatasetConfig):
-    generator: Generator = "arithmetic_pairs"
+    generator: Generator = "tens_pairs"  # follow-ups add 10..19: chat_sl trained on adding digits only
     num_examples: NonNegativeInt = 2000
 
 

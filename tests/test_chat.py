@@ -276,7 +276,7 @@ def test_synthetic_chats_are_seeded_multi_turn():
     assert a == b and a != arithmetic_chats(50, 4)
     assert all(sum(m["role"] == "assistant" for m in r["messages"]) >= 2 for r in a)
     train, test = split_records(a, 0.2, 0)
-    assert len(test) == 10 and not any(t in train for t in test)
+    assert len(test) == 12 and not any(t in train for t in test)  # the chats whose seeded hash is under 0.2
 
 
 def _frame(conversations):

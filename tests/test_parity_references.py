@@ -244,7 +244,7 @@ def our_dpo(policy_and_reference, dpo_batch, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("loss_type,beta", [("sigmoid", 0.5), ("hinge", 0.5)])
+@pytest.mark.parametrize("loss_type,beta", [("sigmoid", 1.0), ("hinge", 1.0)])
 def test_dpo_loss_and_metrics_match_trl(trl_dpo, our_dpo, dpo_batch, loss_type, beta):
     loss, theirs, _ = trl_dpo((loss_type,), beta)
     ours = our_dpo(beta=beta, loss_type=loss_type)

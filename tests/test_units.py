@@ -157,12 +157,12 @@ def test_zero_weight_target_does_not_change_loss(tiny):
     # position 4 of the sequence has weight 0; it is the target of model_input[3] only
     d = Datum.from_sequence(SEQ_A, W_A)
     assert d.loss_fn_inputs["weights"][3] == 0.0
-    d.loss_fn_inputs["target_tokens"][3] = 500
+    d.loss_fn_inputs["target_tokens"][3] = 250
     changed = client.forward_backward([d], "cross_entropy").metrics["loss:sum"]
     assert changed == pytest.approx(base, abs=1e-6)
     # sanity: changing a weighted target does change it
     d2 = Datum.from_sequence(SEQ_A, W_A)
-    d2.loss_fn_inputs["target_tokens"][2] = 500
+    d2.loss_fn_inputs["target_tokens"][2] = 250
     assert client.forward_backward([d2], "cross_entropy").metrics["loss:sum"] != pytest.approx(base, abs=1e-6)
 
 

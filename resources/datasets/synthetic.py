@@ -32,12 +32,11 @@ def arithmetic_conversations(n: int, seed: int) -> list[dict]:
     return records
 
 
-def arithmetic_chats(n: int, seed: int, max_operand: int = 19) -> list[dict]:
+def arithmetic_chats(n: int, seed: int, max_operand: int = 19, added: tuple[int, int] = (0, 9)) -> list[dict]:
     """Multi-turn chats: a sum of operands up to `max_operand` (sl_basic's range), then one or
-    two "Now add d." follow-ups (d a digit) that build on the previous answer; half open with
-    a system prompt. Each answer needs the context of the turns before it, and every answer
-    is a number, so accuracy is graded. Two-digit sums keep the task hard enough that the
-    chat model still answers some wrong, which is what dpo's on-policy pairs learn from."""
+    two "Now add d." follow-ups (d in `added`) that build on the previous answer; half open
+    with a system prompt. Each answer needs the context of the turns before it, and every
+    answer is a number, so accuracy is graded."""
     rng = random.Random(seed)
     records = []
     for _ in range(n):
@@ -46,7 +45,7 @@ def arithmetic_chats(n: int, seed: int, max_operand: int = 19) -> list[dict]:
         messages += [{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": f"{a} + {b} = {a + b}"}]
         total = a + b
         for _ in range(rng.randint(1, 2)):
-            d = rng.randint(0, 9)
+            d = rng.randint(*added)
             messages += [{"role": "user", "content": f"Now add {d}."},
                          {"role": "assistant", "content": f"{total} + {d} = {total + d}"}]
             total += d
@@ -54,13 +53,13 @@ def arithmetic_chats(n: int, seed: int, max_operand: int = 19) -> list[dict]:
     return records
 
 
-def arithmetic_pairs(n: int, seed: int) -> list[dict]:
+def arithmetic_pairs(n: int, seed: int, added: tuple[int, int] = (0, 9)) -> list[dict]:
     """Preference pairs on the multi-turn chats: the chosen last answer is right; the
     rejected one carries a near miss (off by 1 to 3), half the time in the sum and half the
     time in the number carried over from the previous turn, the mistakes a tiny model makes."""
     rng = random.Random(seed)
     pairs = []
-    for chat in arithmetic_chats(n, seed):
+    for chat in arithmetic_chats(n, seed, added=added):
         messages = chat["messages"]
         left, added, answer = (int(x) for x in messages[-1]["content"].replace("+", "=").split("="))
         miss = rng.choice([-3, -2, -1, 1, 2, 3])
@@ -85,6 +84,9 @@ def arithmetic_problems(n: int, seed: int, max_operand: int = 19, min_operand: i
 
 
 GENERATORS = {"arithmetic": arithmetic_conversations, "arithmetic_chat": arithmetic_chats, "arithmetic_pairs": arithmetic_pairs,
+              # dpo's default: the chats' follow-ups add 10..19, which chat_sl never practised (it
+              # answers them right only sometimes), so its own answers make pairs worth learning from
+              "tens_pairs": lambda n, seed: arithmetic_pairs(n, seed, added=(10, 19)),
               # math_rl's default: sl_basic's 610 questions (operands 0..19), enough distinct ones for a held-out set
               "arithmetic_problems": arithmetic_problems,
               "one_digit_problems": lambda n, seed: arithmetic_problems(n, seed, max_operand=9),  # 155 questions
