@@ -4,8 +4,9 @@ beats its start on its gate metric with a 95% CI clear of zero, and no guard met
 regresses past its margin. Precision and thread count are pinned (fp32; threads from
 CRUCIBLE_TEST_THREADS, default 2), so a figure means the same on every machine; the margins
 each test asserts sit well below what the figures cleared (fp32, 2 threads, 2026-12-02):
-sl_basic test/nll gain CI upper -5.396 (asserted < -1), chat_sl -2.064 (< -0.5), dpo
-test/logp_margin gain CI lower 0.152 (> 0)."""
+sl_basic test/nll gain CI upper -5.425 (asserted < -1), chat_sl -2.311 (< -0.5), dpo
+test/logp_margin gain CI lower 51.2 nats (> 0), math_rl test/sample_accuracy 0.053 (> 0.02;
+greedy guard -0.02, its CI lower bound 0.034), distillation test/accuracy 0.448 (> 0.2)."""
 
 import json
 import os
