@@ -23,7 +23,7 @@ from local_services import free_port, wait_for_http
 
 REPO = Path(__file__).resolve().parents[1]
 READY_WITHIN_S = 240  # a start-up deadline (two busy cores import torch-free Definitions), not a timing assertion
-STOPPED_WITHIN_S = 60
+STOPPED_WITHIN_S = 180  # a shutdown deadline (it once took over 60 s on two loaded cores), not a timing assertion
 LOCATION_QUERY = "{ workspaceOrError { ... on Workspace { locationEntries { name locationOrLoadError { __typename } } } } }"
 
 pytestmark = pytest.mark.slow
@@ -81,7 +81,10 @@ def test_dagster_dev_in_the_quickstart_shell_serves_the_ui_and_stops_on_ctrl_c(t
         browser.save_screenshot(str(SCREENSHOTS / "0_quickstart_dagster_dev.png"))
 
         os.kill(proc.pid, signal.SIGINT)  # Ctrl-C reaches `dagster dev` (exec'd: the shell's own pid)
-        proc.wait(timeout=STOPPED_WITHIN_S)
+        try:
+            proc.wait(timeout=STOPPED_WITHIN_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"dagster dev still running {STOPPED_WITHIN_S} s after Ctrl-C; its log ends:\n{log.read_text()[-3000:]}")
         deadline = time.time() + STOPPED_WITHIN_S
         while subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout and time.time() < deadline:
             time.sleep(1)  # the webserver, daemon and code server leave after their parent

@@ -176,7 +176,7 @@ def test_mlflow_lists_the_run_with_its_metrics_and_tensorboard_has_the_scalars(h
     run = json.loads(mlflow_cli(crucible, "runs", "describe", "--run-id", runs[0].split()[-1]))
     metrics, params, tags = run["data"]["metrics"], run["data"]["params"], run["data"]["tags"]
     assert {"train_mean_nll", "test/nll", "learning_rate", "grad_norm"} <= set(metrics)
-    assert params["max_steps"] == "40" and params["learning_rate"] == "0.003"
+    assert params["max_steps"] == "40" and params["learning_rate"] == "0.001"
     assert tags["crucible.registry_version"] == "sl_basic:1"
     assert tags["crucible.asset_key"] == "sl_basic/checkpoint"
 
