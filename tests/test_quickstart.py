@@ -23,7 +23,7 @@ from local_services import free_port, wait_for_http
 
 REPO = Path(__file__).resolve().parents[1]
 READY_WITHIN_S = 240  # a start-up deadline (two busy cores import torch-free Definitions), not a timing assertion
-STOPPED_WITHIN_S = 180  # a shutdown deadline (it once took over 60 s on two loaded cores), not a timing assertion
+STOPPED_WITHIN_S = 60
 LOCATION_QUERY = "{ workspaceOrError { ... on Workspace { locationEntries { name locationOrLoadError { __typename } } } } }"
 
 pytestmark = pytest.mark.slow
@@ -65,8 +65,10 @@ def test_dagster_dev_in_the_quickstart_shell_serves_the_ui_and_stops_on_ctrl_c(t
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `source .venv/bin/activate`
     log = tmp_path / "dagster_dev.log"
     with log.open("w") as out:
+        # a terminal's shell: Ctrl-C's default action, even when pytest itself runs as a background
+        # job (which starts with SIGINT ignored, inherited through exec, and dagster dev would never hear it)
         proc = subprocess.Popen(["bash", "-c", script], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(proc, f"{url}/server_info", log, READY_WITHIN_S)
