@@ -16,8 +16,8 @@ import os
 import pytest
 
 from conftest import run_job
+from crucible_assets.checks import record_frame
 from recipes import discover
-from resources.datasets.splits import record_identity
 from resources.store.artifact_store import ArtifactStore
 from resources.store.registry import ModelRegistry
 
@@ -54,11 +54,9 @@ def test_dpo_chain(homes):
 
 
 def held_out_and_trained(recipe: str) -> tuple[set[str], set[str]]:
-    """The identities of a recipe's held-out and training items, from its stored dataset."""
-    ref = ArtifactStore().latest(f"{recipe}/dataset")
-    split = {name: {record_identity(json.loads(line)) for line in (ref.dir / f"{name}.jsonl").read_text().splitlines()}
-             for name in ("train", "test")}
-    return split["test"], split["train"]
+    """The identities of a recipe's held-out and training items, as its held_out_disjoint check reads them."""
+    frame = record_frame(ArtifactStore().latest(f"{recipe}/dataset"))
+    return set(frame.loc[frame["split"] == "test", "identity"]), set(frame.loc[frame["split"] == "train", "identity"])
 
 
 @pytest.mark.slow
