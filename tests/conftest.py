@@ -35,6 +35,18 @@ TINY_RUN_CONFIG = {
 }
 
 
+@pytest.fixture(autouse=True)
+def restore_thread_count():
+    """torch's thread count is process-wide: a test that pins it (or an in-process run with
+    `threads` set) would otherwise change the numbers of every later in-process run, so a run
+    compared against a subprocess (which starts at torch's default) would differ in its bytes."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def homes(tmp_path, monkeypatch):
     """A fresh CRUCIBLE_HOME and DAGSTER_HOME for one test."""
