@@ -1,6 +1,7 @@
 """DPO: ours (the frozen reference's completion log-probs computed once, then train_dpo's
-steps) against TRL's DPOTrainer with an explicit ref_model (it scores the reference every
-step). Rate: preference pairs per second, reference log-probs included on both sides."""
+steps) against TRL's DPOTrainer with an explicit ref_model; its expert line precomputes the
+reference log-probs too (`precompute_ref_log_probs`), its defaults score the reference every
+step. Rate: preference pairs per second, reference log-probs included on both sides."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from bench.result import Row
-from bench.rows.common import TRL_TUNED, hf_model, our_client, our_train_config, trl_args, train_quietly
+from bench.rows.common import hf_model, our_client, our_train_config, spelled, trl_args, train_quietly, trl_expert
 from bench.timing import interleaved, medians, timed
 from bench.workload import MAX_LENGTH
 from crucible_assets.train.dpo import DpoConfig, completion_logps, train_dpo
@@ -47,9 +48,11 @@ def run(w, plan) -> list[Row]:
             return n / timed(lambda: train_quietly(trainer))
         return rep
 
-    m = medians(interleaved({"ours": ours, "trl": trl(), "trl_fp32": trl(**TRL_TUNED)}, plan.reps))
-    details = {"ours pairs/s": m["ours"], "TRL (defaults) pairs/s": m["trl"], "TRL (fp32, no ckpt) pairs/s": m["trl_fp32"],
-               "ratio vs TRL fp32": m["ours"] / m["trl_fp32"], "steps": plan.dpo_steps, "pairs per step": plan.batch_size}
-    return [Row("DPO", "pairs/s incl. reference log-probs, ours / TRL DPOTrainer (defaults)", m["ours"] / m["trl"], 2.0,
-                details=details, limit="both sides run the policy on chosen and rejected; ours saves only the reference "
-                "forward (cached log-probs), and at this size per-step fixed costs (AdamW over every weight) weigh as much")]
+    expert = trl_expert(precompute_ref_log_probs=True)
+    m = medians(interleaved({"ours": ours, "trl": trl(**expert), "trl_defaults": trl()}, plan.reps))
+    details = {"ours pairs/s": m["ours"], "TRL (expert) pairs/s": m["trl"], "TRL expert config": spelled(expert),
+               "TRL (defaults) pairs/s": m["trl_defaults"], "ratio vs TRL defaults": m["ours"] / m["trl_defaults"],
+               "steps": plan.dpo_steps, "pairs per step": plan.batch_size}
+    return [Row("DPO", "pairs/s incl. reference log-probs, ours / TRL DPOTrainer (expert)", m["ours"] / m["trl"], 2.0,
+                details=details, limit="both sides score the reference once and run the policy on chosen and rejected; "
+                "what is left is per-step fixed cost (AdamW over every weight), as heavy as the forward at this size")]

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from bench.result import Row
-from bench.rows.common import TRL_TUNED, hf_model, our_client, our_train_config, trl_args, train_quietly
+from bench.rows.common import hf_model, our_client, our_train_config, spelled, trl_args, train_quietly, trl_expert
 from bench.timing import interleaved, medians, timed
 from resources.datasets.graders import grade
 from crucible_assets.train.rl import RlConfig, train_rl
@@ -51,11 +51,12 @@ def run(w, plan) -> list[Row]:
             return completions / timed(lambda: train_quietly(trainer))
         return rep
 
-    m = medians(interleaved({"ours": ours, "trl": trl(), "trl_fp32": trl(**TRL_TUNED)}, plan.reps))
-    details = {"ours completions/s": m["ours"], "TRL (defaults) completions/s": m["trl"],
-               "TRL (fp32, no ckpt) completions/s": m["trl_fp32"], "ratio vs TRL fp32": m["ours"] / m["trl_fp32"],
+    expert = trl_expert()
+    m = medians(interleaved({"ours": ours, "trl": trl(**expert), "trl_defaults": trl()}, plan.reps))
+    details = {"ours completions/s": m["ours"], "TRL (expert) completions/s": m["trl"], "TRL expert config": spelled(expert),
+               "TRL (defaults) completions/s": m["trl_defaults"], "ratio vs TRL defaults": m["ours"] / m["trl_defaults"],
                "steps": plan.rl_steps, "group size": plan.group_size, "completions per step": problems_per_step * plan.group_size,
                "max tokens": plan.rl_max_tokens}
-    return [Row("RL", "completions/s (sampling + training), ours / TRL GRPOTrainer (defaults)", m["ours"] / m["trl"], 2.0,
+    return [Row("RL", "completions/s (sampling + training), ours / TRL GRPOTrainer (expert)", m["ours"] / m["trl"], 2.0,
                 details=details, limit="both sides sample with transformers' generate, which dominates at this size; ours "
                 "batches every prompt of a step into one generate call, TRL does the same")]

@@ -1,7 +1,8 @@
 """LocalTorchBackend: the resource that trains in this process with PyTorch. Resolving the
 device and precision and stating the backend's identity (part of every training asset's
-fingerprint) need no torch import on a CPU-only wheel, so a run of cache hits stays free of
-it; the client (resources/backends/local/client.py) is imported when one is made."""
+fingerprint) need no torch import on a CPU-only wheel once this machine's precision probe is
+recorded, so a run of cache hits stays free of it; the client
+(resources/backends/local/client.py) is imported when one is made."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from dagster import Config, ConfigurableResource
 from pydantic import Field, NonNegativeInt
 
-from resources.backends.local.cpu import cpu_has_native_bf16
+from resources.backends.local.precision_probe import probed
 
 if TYPE_CHECKING:
     from resources.backends.local.client import LocalTrainingClient
@@ -21,7 +22,9 @@ if TYPE_CHECKING:
 
 class LocalTorchSettings(Config):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="bf16: autocast, fp32 master weights")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="bf16: autocast, fp32 master weights. auto: bf16 on a CUDA GPU that supports it; "
+                                    "on a CPU the faster of the two, measured once per machine")
     micro_batch_size: NonNegativeInt = Field(default=0, description="split forward/backward into chunks of this many sequences; 0 = whole batch")
     packing: bool = Field(default=True, description="pack several sequences per row (block-diagonal attention) instead of padding each")
     pack_length: NonNegativeInt = Field(default=0, description="row length when packing; 0 = chosen per batch by a compute estimate (1-4x the longest sequence)")
@@ -61,15 +64,16 @@ class LocalTorchBackend(ConfigurableResource, LocalTorchSettings):
             import torch
 
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        # without bf16 instructions the CPU emulates bf16 matmuls: measured 10-20x slower than
-        # fp32 on an AVX2-only EPYC (bench/RESULTS.md records both peaks)
-        return "bf16" if cpu_has_native_bf16() else "fp32"
+        return probed(self.threads)["choice"]
 
     def identity(self) -> dict[str, Any]:
         return {
             "backend": "local_torch",
             "device": self.resolved_device(),
             "precision": self.resolved_precision(),
+            # auto on a CPU: the probe's rates that made the choice (resources/backends/local/precision_probe.py)
+            **({"precision_probe": probed(self.threads)["rates_gflops"]}
+               if self.precision == "auto" and self.resolved_device() == "cpu" else {}),
             "torch": torch_version(),
             "packing": self.packing,
             "pack_length": self.pack_length,
