@@ -3,6 +3,7 @@
 Layout under `root` (default `$CRUCIBLE_HOME/store`):
 
     objects/<content_hash>/...   immutable artifact files, never rewritten
+    files/<sha256>               one copy of each large file; objects hold hard links to it
     manifests/<fingerprint>.json what produced an object: config, upstream, run, file hashes
     refs/<recipe>/<stage>.json   the latest artifact of an asset key (what downstream loads)
     verdicts/<fingerprint>.json  a check's result on one data version (checks, data, code)
@@ -21,6 +22,12 @@ With a URL root (s3://bucket/prefix or any fsspec URL) the remote tree is author
 under $CRUCIBLE_HOME/store-cache/: artifacts are built and verified locally, published
 remotely (files, then manifest, then ref), and fetched from the remote on first use.
 Resumable work/ and its lock stay local to the machine that trains.
+
+The same bytes recur along a chain: a checkpoint's weights are also in its resumable state,
+its registered model and the next recipe's base model. On local disk each file of at least
+SHARED_MIN_BYTES is stored once under files/<sha256> and every object holding it is a hard
+link to that copy (where the filesystem has hard links); an object's manifest, its hash
+and `open_verified` are unchanged, and gc drops a shared file once no object links to it.
 """
 
 from __future__ import annotations
@@ -116,6 +123,35 @@ def hash_tree(root: Path) -> tuple[str, dict[str, str]]:
     }
     digest = hashlib.sha256("".join(f"{k}\t{v}\n" for k, v in files.items()).encode())
     return digest.hexdigest()[:32], files
+
+
+SHARED_MIN_BYTES = 1 << 16  # below this a link saves less than it costs to keep track of
+
+
+def share_files(staging: Path, files: dict[str, str], pool: Path) -> None:
+    """Each large file of a staged artifact becomes a hard link to pool/<sha256>: the pool's
+    copy when it holds those bytes (re-hashed first, so a damaged pool file is replaced, not
+    spread), else ours, added to the pool. A filesystem without hard links keeps the copies."""
+    for rel, sha in files.items():
+        path = staging / rel
+        if path.stat().st_size < SHARED_MIN_BYTES:
+            continue
+        shared = pool / sha
+        try:
+            pool.mkdir(exist_ok=True)
+            link = path.with_name(f".{path.name}.{uuid.uuid4().hex}.link")
+            try:
+                if not (shared.exists() and file_sha256(shared) == sha):
+                    raise FileNotFoundError(shared)
+                os.link(shared, link)
+                os.replace(link, path)
+            except FileNotFoundError:  # none yet, damaged, or collected by gc just now: ours becomes the copy
+                os.link(path, link)
+                os.replace(link, shared)
+        except OSError as e:
+            if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                return
+            raise
 
 
 def stat_signature(root: Path) -> tuple:
@@ -273,6 +309,7 @@ class ArtifactStore(ConfigurableResource):
         try:
             summary = build(staging) or {}
             content_hash, files = hash_tree(staging)
+            share_files(staging, files, self.base / "files")
             obj = self.base / "objects" / content_hash
             obj.parent.mkdir(parents=True, exist_ok=True)
             try:

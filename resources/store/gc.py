@@ -35,8 +35,11 @@ need concurrent runs of one recipe; run gc when no job runs to rule them out.
 Deleting. Manifests go first, then their objects, so a crash never leaves a manifest whose
 bytes are gone (which a re-run would take for a cache hit); an object is renamed into
 tmp/gc-<hash>-<uuid> and only then removed, so a crash never leaves half an object under
-objects/ (the next gc clears its own tmp/gc-* leftovers). A remote store (a URL root) is
-refused: gc works on a local store only.
+objects/ (the next gc clears its own tmp/gc-* leftovers). Then the shared copies under
+files/ that no object links any more (link count 1, checked again just before each goes;
+a build racing gc re-adds a copy it finds gone, and an object's own link keeps its bytes
+whatever happens to files/). Sizes are bytes freed: a shared file counts once, on its own
+`file` line. A remote store (a URL root) is refused: gc works on a local store only.
 
 The functions here return data; `crucible gc` (crucible_jobs/cli.py) prints it.
 """
@@ -50,6 +53,7 @@ import re
 import shutil
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -71,7 +75,7 @@ class GcRefused(RuntimeError):
 
 
 class Item(NamedTuple):
-    kind: str  # object | manifest | work | tmp
+    kind: str  # object | manifest | file (a shared file no object links any more) | work | tmp
     path: Path
     size: int  # bytes
     note: str = ""  # why it is kept (kept items only)
@@ -106,6 +110,8 @@ def last_change(path: Path) -> float:
 
 
 def size_of(path: Path) -> int:
+    """Bytes that deleting `path` frees: a file shared through files/ (more than one link)
+    is counted once, as its own `file` item when its last object goes."""
     if not path.is_dir() or path.is_symlink():
         try:
             return path.lstat().st_size
@@ -115,10 +121,23 @@ def size_of(path: Path) -> int:
     for dirpath, _, filenames in os.walk(path):
         for name in filenames:
             try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
+                st = os.lstat(os.path.join(dirpath, name))
             except FileNotFoundError:
-                pass
+                continue
+            total += st.st_size if st.st_nlink == 1 else 0
     return total
+
+
+def unshared_files(base: Path, doomed: list[Item]) -> list[Item]:
+    """Entries of files/ that no object links once `doomed` objects are gone."""
+    doomed_links = Counter(st.st_ino for item in doomed for p in item.path.rglob("*")
+                           if p.is_file() and (st := p.lstat()).st_nlink > 1)
+    items = []
+    for path in _entries(base / "files"):
+        st = path.lstat()
+        if st.st_nlink - 1 - doomed_links[st.st_ino] <= 0:
+            items.append(Item("file", path, st.st_size))
+    return items
 
 
 def _entries(directory: Path) -> list[Path]:
@@ -239,7 +258,7 @@ def plan(store: ArtifactStore, registry: ModelRegistry, *, grace_seconds: float 
             continue
         if content_hash in gone or content_hash not in objects:  # with its object, or its object is gone already
             report.garbage += [Item("manifest", p, p.stat().st_size) for p in paths]
-    report.garbage += doomed_objects
+    report.garbage += doomed_objects + unshared_files(base, doomed_objects)
 
     for path in _entries(base / "work"):
         if not path.is_dir() or not _HEX.fullmatch(path.name):
@@ -272,11 +291,18 @@ def collect(store: ArtifactStore, registry: ModelRegistry, *, dry_run: bool = Tr
         raise GcRefused(f"a build is in progress (work/<fingerprint>.lock held for {', '.join(report.building)}); "
                         "nothing deleted: run gc again when no job is running")
     now = time.time() if now is None else now
-    order = {"manifest": 0, "object": 1, "work": 2, "tmp": 3}
+    order = {"manifest": 0, "object": 1, "file": 2, "work": 3, "tmp": 4}
     deleted = []
     for item in sorted(report.garbage, key=lambda i: order[i.kind]):
         if item.kind == "manifest":
             try:
+                item.path.unlink()
+            except FileNotFoundError:
+                continue
+        elif item.kind == "file":
+            try:  # a build may have linked it again since the plan: then it stays
+                if item.path.lstat().st_nlink > 1:
+                    continue
                 item.path.unlink()
             except FileNotFoundError:
                 continue
