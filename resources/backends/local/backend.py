@@ -75,6 +75,7 @@ class LocalTorchBackend(ConfigurableResource, LocalTorchSettings):
             **({"precision_probe": probed(self.threads)["rates_gflops"]}
                if self.precision == "auto" and self.resolved_device() == "cpu" else {}),
             "torch": torch_version(),
+            "optimizer": "adamw_fused",  # the kernel is part of the numbers (before it: a per-tensor loop)
             "packing": self.packing,
             "pack_length": self.pack_length,
             # a pinned thread count is an input of the numbers; unpinned (0) leaves earlier fingerprints as they were
