@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from resources.hf_io import load_model, load_tokenizer
+from resources.backends.local.decode import decode
 from resources.backends.local.losses import BUILTIN_LOSSES
 from resources.backends.local.packing import auto_capacity, block_causal_mask, pack
 from resources.backends.types import (
@@ -210,51 +211,21 @@ class LocalTrainingClient:
         self.model.eval()
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        T = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-        attention = torch.zeros(len(prompts), T, dtype=torch.long)
-        for i, p in enumerate(prompts):  # left-pad so every prompt ends where generation starts
-            input_ids[i, T - len(p) :] = torch.tensor(p)
-            attention[i, T - len(p) :] = 1
-        greedy = sampling_params.temperature <= 0
         # a stop string that is one special token (an end-of-turn marker) stops by id, cheaply
         vocab = tok.get_vocab()
         stop_ids = [vocab[s] for s in sampling_params.stop if s in vocab and s in tok.all_special_tokens + list(tok.get_added_vocab())]
         stop_strings = [s for s in sampling_params.stop if s not in vocab or vocab[s] not in stop_ids]
-        eos_ids = [tok.eos_token_id, *stop_ids]
-        torch.manual_seed(sampling_params.seed)
         with self._autocast():
-            out = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention.to(self.device),
-                max_new_tokens=sampling_params.max_tokens,
-                do_sample=not greedy,
-                temperature=None if greedy else sampling_params.temperature,
-                top_p=None if greedy else sampling_params.top_p,
-                top_k=None,
-                num_return_sequences=num_samples,
-                stop_strings=stop_strings or None,
-                tokenizer=tok if stop_strings else None,
-                eos_token_id=eos_ids,
-                pad_token_id=pad_id,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-        new_tokens = out.sequences[:, T:].cpu()
-        scale = 1.0 if greedy else sampling_params.temperature
-        logits_N_S_V = torch.stack(out.logits, dim=1).float().cpu() / scale
-        logprobs_N_S = torch.log_softmax(logits_N_S_V, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+            out = decode(self.model, prompts, num_samples, sampling_params.max_tokens, sampling_params.temperature,
+                         sampling_params.top_p, sampling_params.seed, pad_id, [tok.eos_token_id, *stop_ids], stop_strings,
+                         tok, self.device)
         results: list[list[SampledSequence]] = []
-        for n in range(new_tokens.shape[0]):
-            seq, lps = new_tokens[n].tolist(), logprobs_N_S[n].tolist()
-            end, reason = len(seq), "length"
-            for j, t in enumerate(seq):
-                if t in eos_ids or _ends_with_stop(tok, seq[: j + 1], stop_strings):
-                    end, reason = j + 1, "stop"
-                    break
+        for n, stopped_at in enumerate(out.stopped_at_N):
+            end = stopped_at + 1 if stopped_at >= 0 else out.tokens_N_S.shape[1]
             if n % num_samples == 0:
                 results.append([])
-            results[-1].append(SampledSequence(tokens=seq[:end], logprobs=lps[:end], stop_reason=reason))
+            results[-1].append(SampledSequence(tokens=out.tokens_N_S[n, :end].tolist(), logprobs=out.logprobs_N_S[n, :end].tolist(),
+                                               stop_reason="stop" if stopped_at >= 0 else "length"))
         return results
 
     # -- state -----------------------------------------------------------------------------
@@ -295,10 +266,3 @@ class LocalTrainingClient:
             model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
-
-
-def _ends_with_stop(tok, tokens: list[int], stops: list[str]) -> bool:
-    if not stops:
-        return False
-    tail = tok.decode(tokens[-8:])
-    return any(tail.endswith(s) for s in stops)

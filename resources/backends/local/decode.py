@@ -1,0 +1,94 @@
+"""The sampler's decode loop: every prompt of a call in one left-padded batch, prefilled once
+and its KV cache repeated for the samples of each prompt, then one forward per new token
+until every row has stopped. This is what `model.generate` does, without its per-token
+machinery (logits processors, stopping criteria objects, a second prefill per sample):
+for the small models and short answers of RL that machinery, not the matmuls, is most of
+a step. Shapes: N = prompts x samples (rows), P = padded prompt length, S = new tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Decoded:
+    tokens_N_S: torch.Tensor  # sampled ids; after a row stopped, pad
+    logprobs_N_S: torch.Tensor  # log-prob of each sampled id under the tempered distribution
+    stopped_at_N: list[int]  # index of the token that stopped each row, or -1 (length)
+
+
+def sample_tokens(logits_N_V: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next ids (argmax when temperature <= 0) and their log-probs under softmax(logits / T);
+    top_p restricts the draw to the nucleus without renormalizing the recorded log-prob."""
+    if temperature <= 0:
+        logprobs_N_V = torch.log_softmax(logits_N_V, dim=-1)
+        ids_N = logprobs_N_V.argmax(dim=-1)
+    else:
+        logprobs_N_V = torch.log_softmax(logits_N_V / temperature, dim=-1)
+        weights_N_V = logprobs_N_V.exp()
+        if top_p < 1.0:
+            sorted_N_V, order_N_V = weights_N_V.sort(dim=-1, descending=True)
+            outside_N_V = sorted_N_V.cumsum(dim=-1) - sorted_N_V > top_p  # the top token always stays
+            weights_N_V = weights_N_V.scatter(-1, order_N_V, sorted_N_V.masked_fill(outside_N_V, 0.0))
+        ids_N = torch.multinomial(weights_N_V, 1, generator=gen).squeeze(-1)
+    return ids_N, logprobs_N_V.gather(-1, ids_N.unsqueeze(-1)).squeeze(-1)
+
+
+def decode(model, prompts: list[list[int]], num_samples: int, max_tokens: int, temperature: float, top_p: float,
+           seed: int, pad_id: int, stop_ids: list[int], stop_strings: list[str], tokenizer, device: str) -> Decoded:
+    from transformers import DynamicCache
+
+    P = max(len(p) for p in prompts)
+    ids_B_P = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask_B_P = torch.zeros(len(prompts), P, dtype=torch.long)
+    for i, p in enumerate(prompts):  # left-pad: every prompt ends where generation starts
+        ids_B_P[i, P - len(p):] = torch.tensor(p)
+        mask_B_P[i, P - len(p):] = 1
+    ids_B_P, mask_B_P = ids_B_P.to(device), mask_B_P.to(device)
+    positions_B_P = (mask_B_P.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = model(input_ids=ids_B_P, attention_mask=mask_B_P, position_ids=positions_B_P, cache=cache, use_cache=True,
+                logits_to_keep=1)  # filled in place
+    cache.batch_repeat_interleave(num_samples)  # samples of one prompt share its prefill
+    mask_N_P = mask_B_P.repeat_interleave(num_samples, dim=0)
+    next_pos_N = positions_B_P[:, -1].repeat_interleave(num_samples) + 1
+    logits_N_V = out.logits[:, -1].float().repeat_interleave(num_samples, dim=0)
+
+    N = len(prompts) * num_samples
+    gen = torch.Generator(device=device).manual_seed(seed)
+    stop_ids_t = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    tokens, logprobs = [], []
+    done_N = torch.zeros(N, dtype=torch.bool, device=device)
+    stopped_at = [-1] * N
+    texts = [[] for _ in range(N)] if stop_strings else None
+    for s in range(max_tokens):
+        ids_N, lps_N = sample_tokens(logits_N_V, temperature, top_p, gen)
+        ids_N = ids_N.masked_fill(done_N, pad_id)
+        tokens.append(ids_N)
+        logprobs.append(lps_N.masked_fill(done_N, 0.0))
+        stops_N = torch.isin(ids_N, stop_ids_t) & ~done_N
+        if texts is not None:
+            for n in (~done_N).nonzero().flatten().tolist():
+                texts[n].append(int(ids_N[n]))
+                if not stops_N[n] and ends_with_stop(tokenizer, texts[n], stop_strings):
+                    stops_N[n] = True
+        for n in stops_N.nonzero().flatten().tolist():
+            stopped_at[n] = s
+        done_N |= stops_N
+        if bool(done_N.all()) or s == max_tokens - 1:
+            break
+        mask_N_P = torch.cat([mask_N_P, torch.ones(N, 1, dtype=mask_N_P.dtype, device=device)], dim=1)
+        out = model(input_ids=ids_N.unsqueeze(-1), attention_mask=mask_N_P, position_ids=next_pos_N.unsqueeze(-1),
+                    cache=cache, use_cache=True)
+        next_pos_N = next_pos_N + 1
+        logits_N_V = out.logits[:, -1].float()
+    return Decoded(torch.stack(tokens, dim=1).cpu(), torch.stack(logprobs, dim=1).cpu(), stopped_at)
+
+
+def ends_with_stop(tokenizer, tokens: list[int], stops: list[str]) -> bool:
+    """Whether the decoded tail ends with a stop string (the last 8 tokens cover any stop
+    string a chat template or a task uses)."""
+    tail = tokenizer.decode(tokens[-8:])
+    return any(tail.endswith(s) for s in stops)

@@ -1,0 +1,70 @@
+"""The sampler's own decode loop (resources/backends/local/decode.py) against transformers'
+`generate` and the trainer: greedy answers are generate's, token for token; the log-probs
+it records are the trainer's for the same tokens; seeds reproduce; stops end a row where
+they occur. fp32 on one thread: exact token equality and 1e-4 log-prob agreement hold there."""
+
+import pytest
+import torch
+
+from resources.backends.local.backend import LocalTorchBackend
+from resources.backends.local.decode import sample_tokens
+from resources.backends.types import SamplingParams
+
+PROMPTS = [[5, 17, 42, 99, 7], [12, 300], [64, 65, 66, 67, 68, 69, 70, 71]]  # unequal: left padding is exercised
+
+
+@pytest.fixture
+def client(tiny):
+    torch.set_num_threads(1)
+    return LocalTorchBackend(device="cpu", precision="fp32").create_training_client(tiny, 0, 0)
+
+
+def test_greedy_answers_are_generates(client):
+    ours = client.sample(PROMPTS, 1, SamplingParams(max_tokens=12, temperature=0.0))
+    model = client.model.eval()
+    for prompt, (answer,) in zip(PROMPTS, ours):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
+                                 eos_token_id=client.tokenizer.eos_token_id, pad_token_id=client.tokenizer.pad_token_id)
+        expected = ref[0, len(prompt):].tolist()
+        if client.tokenizer.eos_token_id in expected:  # generate keeps the eos, then pads
+            expected = expected[: expected.index(client.tokenizer.eos_token_id) + 1]
+        assert answer.tokens == expected
+
+
+def test_recorded_logprobs_are_the_trainers(client):
+    groups = client.sample(PROMPTS, 3, SamplingParams(max_tokens=10, temperature=1.0, seed=3))
+    for prompt, group in zip(PROMPTS, groups):
+        assert len(group) == 3
+        for s in group:
+            (train_lp,) = client.compute_logprobs([prompt + s.tokens])
+            assert train_lp[len(prompt) - 1:] == pytest.approx(s.logprobs, abs=1e-4)
+
+
+def test_a_seed_reproduces_its_samples_and_another_seed_differs(client):
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=11)
+    first, again = client.sample(PROMPTS, 4, params), client.sample(PROMPTS, 4, params)
+    other = client.sample(PROMPTS, 4, params.model_copy(update={"seed": 12}))
+    tokens = lambda groups: [s.tokens for g in groups for s in g]  # noqa: E731
+    assert tokens(first) == tokens(again) and tokens(first) != tokens(other)
+
+
+def test_a_stop_string_ends_the_row_where_it_occurs(client):
+    (first,) = client.sample(PROMPTS[:1], 1, SamplingParams(max_tokens=12, temperature=0.0))[0]
+    assert len(first.tokens) >= 4, "the fixture's greedy answer is too short to place a stop inside it"
+    stop = client.tokenizer.decode(first.tokens[:3])[-2:]  # ends at the third token
+    (stopped,) = client.sample(PROMPTS[:1], 1, SamplingParams(max_tokens=12, temperature=0.0, stop=[stop]))[0]
+    assert stopped.stop_reason == "stop" and client.tokenizer.decode(stopped.tokens).endswith(stop)
+    assert stopped.tokens == first.tokens[: len(stopped.tokens)] and len(stopped.tokens) <= 3
+
+
+def test_nucleus_keeps_the_top_token_and_records_the_tempered_logprob():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    gen = torch.Generator().manual_seed(0)
+    ids, lps = sample_tokens(logits, temperature=0.5, top_p=1e-6, gen=gen)
+    assert ids.tolist() == [0]
+    assert lps.item() == pytest.approx(torch.log_softmax(logits / 0.5, dim=-1)[0, 0].item())
+    draws = torch.stack([sample_tokens(logits, 1.0, 0.8, gen)[0] for _ in range(400)])
+    # softmax([2, 1, 0, -1]) = [0.64, 0.24, 0.09, 0.03]: the 0.8 nucleus is the first two
+    assert set(draws.flatten().tolist()) == {0, 1}
