@@ -29,15 +29,18 @@ class MathRlTokenize(TokenizeConfig):
 
 
 class MathRlTrain(rl.RlConfig):
-    # measured (fp32, default chain): 1e-4 for 100 steps gains as much held-out sample accuracy
-    # as 5e-5 for 200; sl_basic's schedule decays to zero, so a constant rate here, not a warmup
+    # sl_basic's schedule decays to zero, so a constant rate here, not a warmup. Measured (fp32,
+    # 2 threads, default chain): 100 steps gained 0.068 held-out sample accuracy, CI [-0.005,
+    # 0.137]; 200 steps 0.094, CI [0.025, 0.165]; 100 steps of 64 problems 0.089 [0.022, 0.151].
+    # Only ~7% of groups are mixed (sl_basic answers most questions the same way every time), so
+    # the gain grows with the samples seen, not with a higher rate (3e-4 lost 0.23 at bf16).
     learning_rate: PositiveFinite = 1e-4
     lr_schedule: LrSchedule = "constant"
     batch_size: PositiveInt = 32
     group_size: rl.GroupSize = 8
-    max_steps: NonNegativeInt = 100
-    eval_every: PositiveInt = 25
-    save_every: PositiveInt = 25
+    max_steps: NonNegativeInt = 200
+    eval_every: PositiveInt = 50
+    save_every: PositiveInt = 50
 
 
 RECIPE = Recipe(

@@ -30,7 +30,7 @@ TINY_RUN_CONFIG = {
         "math_rl__dataset": {"config": {"num_examples": 200}},
         "math_rl__checkpoint": {"config": {"max_steps": 6, "batch_size": 4, "group_size": 4, "max_tokens": 8,
                                            "eval_every": 3, "save_every": 3, "eval_problems": 8}},
-        "math_rl__eval_report": {"config": {"bootstrap_samples": 300, "pass_k": 2}},
+        "math_rl__eval_report": {"config": {"bootstrap_samples": 300, "pass_k": 2, "samples_per_problem": 2}},
     }
 }
 

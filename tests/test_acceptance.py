@@ -22,7 +22,9 @@ from resources.store.artifact_store import ArtifactStore
 from resources.store.registry import ModelRegistry
 
 THREADS = int(os.environ.get("CRUCIBLE_TEST_THREADS", "2"))
-PINNED = {"resources": {"backend": {"config": {"local": {"precision": "fp32", "threads": THREADS}}}}}
+# fp32 is what CI asserts; CRUCIBLE_TEST_PRECISION=bf16 runs the same chains at bf16 to compare figures
+PRECISION = os.environ.get("CRUCIBLE_TEST_PRECISION", "fp32")
+PINNED = {"resources": {"backend": {"config": {"local": {"precision": PRECISION, "threads": THREADS}}}}}
 RECIPES = {r.name: r for r in discover()}
 
 

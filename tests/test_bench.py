@@ -23,3 +23,16 @@ def test_quick_bench_writes_results(tmp_path):
 def test_unknown_row_is_refused():
     done = subprocess.run([sys.executable, "-m", "bench", "--rows", "sft,nope"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2 and "nope" in done.stderr
+
+
+def test_quick_scaling_writes_its_table_and_plot(tmp_path):
+    out = tmp_path / "SCALING.md"
+    done = subprocess.run([sys.executable, "-m", "bench.scaling", "--quick", "--output", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| 3M |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    ours, trl, store_mb, copies_mb = float(cells[5]), float(cells[6]), float(cells[10]), float(cells[11])
+    assert ours > 0 and trl > 0
+    assert store_mb < copies_mb  # the checkpoint's weights are stored once, not as model/ and state/ copies
+    assert (tmp_path / "scaling.png").stat().st_size > 1000

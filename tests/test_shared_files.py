@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from resources.store import gc
-from resources.store.artifact_store import SHARED_MIN_BYTES, ArtifactStore, IntegrityError, file_sha256
+from resources.store.artifact_store import ArtifactStore, IntegrityError
+from resources.store.shared_files import SHARED_MIN_BYTES, file_sha256
 from resources.store.registry import ModelRegistry
 
 WEIGHTS = bytes(range(256)) * (SHARED_MIN_BYTES // 256 + 1)  # just over the sharing threshold
