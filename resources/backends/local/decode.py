@@ -7,6 +7,7 @@ a step. Shapes: N = prompts x samples (rows), P = padded prompt length, S = new 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,12 @@ def decode(model, prompts: list[list[int]], num_samples: int, max_tokens: int, t
            seed: int, pad_id: int, stop_ids: list[int], stop_strings: list[str], tokenizer, device: str) -> Decoded:
     from transformers import DynamicCache
 
+    N = len(prompts) * num_samples
+    if max_tokens <= 0:
+        return Decoded(torch.zeros(N, 0, dtype=torch.long), torch.zeros(N, 0), [-1] * N)
+    # transformers 5 names the cache argument `cache`; remote-code models may still say past_key_values
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     P = max(len(p) for p in prompts)
     ids_B_P = torch.full((len(prompts), P), pad_id, dtype=torch.long)
     mask_B_P = torch.zeros(len(prompts), P, dtype=torch.long)
@@ -49,14 +56,13 @@ def decode(model, prompts: list[list[int]], num_samples: int, max_tokens: int, t
     ids_B_P, mask_B_P = ids_B_P.to(device), mask_B_P.to(device)
     positions_B_P = (mask_B_P.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
-    out = model(input_ids=ids_B_P, attention_mask=mask_B_P, position_ids=positions_B_P, cache=cache, use_cache=True,
-                logits_to_keep=1)  # filled in place
+    out = model(input_ids=ids_B_P, attention_mask=mask_B_P, position_ids=positions_B_P, use_cache=True,
+                logits_to_keep=1, **{cache_arg: cache})  # filled in place
     cache.batch_repeat_interleave(num_samples)  # samples of one prompt share its prefill
     mask_N_P = mask_B_P.repeat_interleave(num_samples, dim=0)
     next_pos_N = positions_B_P[:, -1].repeat_interleave(num_samples) + 1
     logits_N_V = out.logits[:, -1].float().repeat_interleave(num_samples, dim=0)
 
-    N = len(prompts) * num_samples
     gen = torch.Generator(device=device).manual_seed(seed)
     stop_ids_t = torch.tensor(stop_ids, dtype=torch.long, device=device)
     tokens, logprobs = [], []
@@ -81,7 +87,7 @@ def decode(model, prompts: list[list[int]], num_samples: int, max_tokens: int, t
             break
         mask_N_P = torch.cat([mask_N_P, torch.ones(N, 1, dtype=mask_N_P.dtype, device=device)], dim=1)
         out = model(input_ids=ids_N.unsqueeze(-1), attention_mask=mask_N_P, position_ids=next_pos_N.unsqueeze(-1),
-                    cache=cache, use_cache=True)
+                    use_cache=True, **{cache_arg: cache})
         next_pos_N = next_pos_N + 1
         logits_N_V = out.logits[:, -1].float()
     return Decoded(torch.stack(tokens, dim=1).cpu(), torch.stack(logprobs, dim=1).cpu(), stopped_at)
