@@ -58,5 +58,6 @@ def run(w, plan) -> list[Row]:
                "steps": plan.rl_steps, "group size": plan.group_size, "completions per step": problems_per_step * plan.group_size,
                "max tokens": plan.rl_max_tokens}
     return [Row("RL", "completions/s (sampling + training), ours / TRL GRPOTrainer (expert)", m["ours"] / m["trl"], 2.0,
-                details=details, limit="both sides sample with transformers' generate, which dominates at this size; ours "
-                "batches every prompt of a step into one generate call, TRL does the same")]
+                details=details, limit="sampling dominates at this size: ours decodes each step's prompts in one batch "
+                "with its own loop (the prompt's KV cache shared by its samples), TRL with one generate call; the "
+                "training half is the same forward and backward on both sides")]
