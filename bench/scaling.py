@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -111,8 +112,10 @@ def cell(size: str, seq_len: int, side: str, steps: int, root: Path) -> dict:
 
 
 def run_cell(size: str, seq_len: int, side: str, steps: int, root: Path) -> dict:
+    # TMPDIR under root: a cell's store and TRL output (a 120M checkpoint is over 1 GB) go when root goes
     done = subprocess.run([sys.executable, "-m", "bench.scaling", "--cell", size, str(seq_len), side, str(steps), str(root)],
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                          env=os.environ | {"TMPDIR": str(root)})
     if done.returncode != 0:
         raise RuntimeError(f"cell {size} {seq_len} {side} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -175,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     from bench.report import write
 
     sizes, seq_lens = (QUICK["sizes"], QUICK["seq_lens"]) if args.quick else (tuple(SIZES), SEQ_LENS)
-    root, started, rows = Path(tempfile.mkdtemp(prefix="bench_scaling_")), time.perf_counter(), []
+    scratch = tempfile.TemporaryDirectory(prefix="bench_scaling_")  # models and every cell's files, removed at exit
+    root, started, rows = Path(scratch.name), time.perf_counter(), []
     for size in sizes:
         for seq_len in seq_lens:
             steps = QUICK["steps"] if args.quick else STEPS[size]
