@@ -1,0 +1,209 @@
+"""Every command a user is shown runs as written: each line of every ```bash block in README.md
+and docs/*.md (comments stripped, `a && b` and `(a &)` taken apart) is matched to the check
+that proves it, and a line no check claims fails here, so a new command in the docs has to
+earn one. Per command:
+
+- `dagster job execute -m crucible_jobs -j J [-c F]`: job J is in the Definitions, F exists and
+  dagster takes the flags (F's validity for J is tests/test_docs_config.py's; training is the
+  job tests');
+- `dagster job launch`, `dagster sensor start`: run as written, from the repo root, against a
+  scratch DAGSTER_HOME (the launch with deploy/dagster.yaml's run queue: the run is queued);
+- `crucible ...`: run as written by the venv's console script against a store where a tiny
+  sl_basic was trained and registered; exit status 0 and what the line promises;
+- `dagster dev`, `dagster-daemon`, `mlflow`, `tensorboard`: installed in the venv, and the
+  subcommand's `--help` lists every flag the line uses (a served UI: tests/test_quickstart.py;
+  the tracking runs these commands find: tests/test_ui.py);
+- `python -m bench[.scaling] ...`: the flags parse (the benchmark is not run);
+- `pip install ... -c C -e '.[X]'`: C exists and X is an extra in pyproject.toml;
+- `export`: each variable is read by our code, deploy/dagster.yaml or (MLFLOW_*) mlflow;
+- shell (`mkdir`, `cd`, `cp`, ...): the program exists, repo paths exist, and a drop folder
+  is the one the sensor watches (the sensor itself: tests/test_automation.py)."""
+
+import functools
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY_RUN_CONFIG, env_with, run_job
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+VENV_BIN = Path(sys.executable).parent
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+SOURCES = ["crucible_jobs", "crucible_assets", "resources", "recipes", "deploy"]
+
+
+def doc_commands() -> list[tuple[str, str]]:
+    """(file:line, command) for every command in every ```bash block of the docs."""
+    commands = []
+    for doc in DOCS:
+        text = doc.read_text()
+        for block in re.finditer(r"^[ \t]*```bash\n(.*?)^[ \t]*```", text, re.S | re.M):
+            first = text[:block.start(1)].count("\n") + 1
+            for i, line in enumerate(block.group(1).splitlines()):
+                for command in re.split(r"\s*&&\s*", re.sub(r"(^|\s+)#.*", "", line).strip()):
+                    command = command.removeprefix("(").removesuffix(")").removesuffix("&").strip()
+                    if command:
+                        commands.append((f"{doc.relative_to(REPO)}:{first + i}", command))
+    return commands
+
+
+def dagster(*args: str, home: Path) -> subprocess.CompletedProcess:
+    """The venv's `dagster` from the repo root, as a user there runs it (workspace.yaml finds the code)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "CRUCIBLE_"))}
+    env |= {"DAGSTER_HOME": str(home), "CRUCIBLE_HOME": str(home / "crucible")}
+    return subprocess.run([str(VENV_BIN / "dagster"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@functools.cache
+def help_text(*command: str) -> str:
+    done = subprocess.run([str(VENV_BIN / command[0]), *command[1:], "--help"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"`{' '.join(command)} --help` failed: {done.stderr[-2000:]}"
+    return done.stdout
+
+
+def check_cli(m, tmp_path) -> None:
+    """Installed in the venv; the subcommand exists and takes every flag the line passes."""
+    exe, *args = shlex.split(m.group(0))
+    assert (VENV_BIN / exe).is_file(), f"{exe} is not installed in {VENV_BIN} (pip install -e '.[test]')"
+    subcommands = tuple(args[:next((i for i, a in enumerate(args) if a.startswith("-")), len(args))])
+    text = help_text(exe, *subcommands)
+    for flag in (a for a in args if a.startswith("-")):
+        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), f"`{exe} {' '.join(subcommands)}` has no {flag}"
+
+
+def check_job_execute(m, tmp_path) -> None:
+    from crucible_jobs import defs
+
+    assert m["job"] in {job.name for job in defs.resolve_all_job_defs()}, f"no job {m['job']}"
+    assert m["file"] is None or (REPO / m["file"]).is_file(), f"{m['file']} does not exist"
+    check_cli(m, tmp_path)
+
+
+def check_job_launch(m, tmp_path) -> None:
+    """deploy/dagster.yaml's run queue on SQLite (its PostgreSQL: tests/test_postgres_instance.py)."""
+    from dagster import DagsterInstance, DagsterRunStatus
+
+    instance = {k: v for k, v in yaml.safe_load((REPO / "deploy/dagster.yaml").read_text()).items() if k != "storage"}
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(instance))
+    done = dagster(*shlex.split(m.group(0))[1:], home=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with DagsterInstance.from_config(str(tmp_path)) as dagster_instance:
+        assert [(r.job_name, r.status) for r in dagster_instance.get_runs()] == [(m["job"], DagsterRunStatus.QUEUED)]
+
+
+def check_sensor_start(m, tmp_path) -> None:
+    (tmp_path / "dagster.yaml").touch()
+    done = dagster(*shlex.split(m.group(0))[1:], home=tmp_path)
+    assert done.returncode == 0 and f"Started sensor {m['sensor']}" in done.stdout, done.stderr[-3000:]
+
+
+def check_bench(m, tmp_path) -> None:
+    argv = shlex.split(m["args"])
+    done = subprocess.run([sys.executable, "-m", m["module"], *argv, "--help"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and f"usage: python -m {m['module']}" in done.stdout, done.stderr[-2000:]
+    if m["module"] == "bench":
+        from bench.__main__ import parse
+
+        parse(argv)  # and the row names exist (argparse's --help stops before that check)
+
+
+def check_pip_install(m, tmp_path) -> None:
+    assert (REPO / m["constraints"]).is_file(), f"no {m['constraints']}"
+    assert m["extra"] in PYPROJECT["project"]["optional-dependencies"], f"pyproject.toml has no extra [{m['extra']}]"
+
+
+def check_venv(m, tmp_path) -> None:
+    from packaging.specifiers import SpecifierSet
+
+    assert platform.python_version() in SpecifierSet(PYPROJECT["project"]["requires-python"])
+
+
+def check_export(m, tmp_path) -> None:
+    import mlflow.environment_variables
+
+    source = "".join(p.read_text() for d in SOURCES for p in (REPO / d).rglob("*") if p.suffix in (".py", ".yaml"))
+    for name in re.findall(r"(\w+)=", m["assignments"]):
+        read = hasattr(mlflow.environment_variables, name) if name.startswith("MLFLOW_") else name in source
+        assert read, f"{name} is read by none of {SOURCES}" + (" (nor mlflow)" if name.startswith("MLFLOW_") else "")
+
+
+def check_shell(m, tmp_path) -> None:
+    from crucible_jobs.sensors import drop_folder
+
+    program, *args = shlex.split(m.group(0))
+    assert program in ("cd", "source") or shutil.which(program), f"{program} is not installed"
+    for arg in args:
+        if arg.startswith("$CRUCIBLE_HOME/drop/"):
+            with pytest.MonkeyPatch.context() as env:
+                env.setenv("CRUCIBLE_HOME", str(tmp_path))
+                env.delenv("CRUCIBLE_DROP_DIR", raising=False)
+                folder = drop_folder() / arg.split("/")[2]
+                assert Path(os.path.expandvars(arg)) == folder, f"{arg} is not the folder the sensor watches"
+        elif "/" in arg and not arg.startswith(("$", "~", "-")):
+            assert (REPO / arg).exists(), f"{arg} does not exist in the repo"
+
+
+CRUCIBLE_SHOWS = {  # what each `crucible` subcommand's output must contain, after the run below
+    "models": ["sl_basic", "v1", "champion,latest"],
+    "lineage": ["sl_basic/registered_model", "sl_basic/dataset  data_version="],
+    "audit": ["OK     sl_basic/dataset", "audit passed"],
+}
+
+CHECKS = [  # (pattern, check): the first pattern that matches a whole command checks it
+    (r"dagster job execute -m crucible_jobs -j (?P<job>\w+)(?: -c (?P<file>\S+))?", check_job_execute),
+    (r"dagster job launch -j (?P<job>\w+)", check_job_launch),
+    (r"dagster sensor start (?P<sensor>\w+)", check_sensor_start),
+    (r"(dagster|dagster-daemon|mlflow|tensorboard)( .*)?", check_cli),
+    (r"crucible (?P<sub>\w+).*", None),  # run together in test_crucible_commands_run_against_a_registered_model
+    (r"(\.venv/bin/)?python3? -m (?P<module>bench(\.scaling)?)(?P<args>.*)", check_bench),
+    (r"\.venv/bin/python -m pytest -q", None),  # this very suite
+    (r"(\.venv/bin/)?pip install -q -c (?P<constraints>\S+) -e '\.\[(?P<extra>\w+)\]'", check_pip_install),
+    (r"python3 -m venv \.venv", check_venv),
+    (r"export (?P<assignments>.*)", check_export),
+    (r"(source|mkdir|touch|cd|cp|mv) .*", check_shell),
+]
+COMMANDS = doc_commands()
+
+
+def classify(where: str, command: str):
+    for pattern, check in CHECKS:
+        if m := re.fullmatch(pattern, command):
+            return m, check
+    pytest.fail(f"{where}: no check for `{command}`; add one to CHECKS in {Path(__file__).name}")
+
+
+@pytest.mark.parametrize("where,command", COMMANDS, ids=[f"{w} {c}" for w, c in COMMANDS])
+def test_doc_command(where, command, tmp_path):
+    m, check = classify(where, command)
+    if check:
+        check(m, tmp_path)
+
+
+def test_crucible_commands_run_against_a_registered_model(homes):
+    assert run_job("sl_basic", TINY_RUN_CONFIG).success
+    lines = [(where, c) for where, c in COMMANDS if c.startswith("crucible ")]
+    for where, command in lines:
+        sub = command.split()[1]
+        assert sub in CRUCIBLE_SHOWS, f"{where}: say in CRUCIBLE_SHOWS what `{command}` must print"
+        done = subprocess.run(["bash", "-c", command], env=env_with(PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{where}: `{command}` exited {done.returncode}: {done.stderr[-3000:]}"
+        for shown in CRUCIBLE_SHOWS[sub]:
+            assert shown in done.stdout, f"{where}: `{command}` did not print {shown!r}:\n{done.stdout[-3000:]}"
+    assert {c.split()[1] for _, c in lines} == set(CRUCIBLE_SHOWS)
+
+
+def test_every_bash_block_is_read():
+    fences = {lang for doc in DOCS for lang in re.findall(r"^[ \t]*```(\S*)", doc.read_text(), re.M)}
+    assert fences <= {"bash", "yaml", "python", ""}, f"a block these tests do not read: {fences}"
+    assert len(COMMANDS) >= 30
