@@ -40,6 +40,10 @@ def cached_artifact(
     extra_inputs: dict | None = None,
 ) -> Output:
     name = context.asset_key.to_user_string()
+    # a partition (a sweep point) is its own store key, so each point has its own latest ref;
+    # the fingerprint leaves the partition out, so two sweeps' points with equal inputs are one artifact
+    # (a partitioned run's unpartitioned assets see its partition key too: they are not partitioned)
+    stored_as = f"{name}/{context.partition_key}" if context.assets_def.partitions_def else name
     # the asset's declared code_version, so bumping it in the decorator invalidates the cache
     code_version = context.assets_def.code_versions_by_key[context.asset_key]
     fp = fingerprint(
@@ -60,10 +64,11 @@ def cached_artifact(
         "created_at": time.time(),
         "packages": package_versions(),
     }
-    ref, built = store.build_once(name, fp, build, record, context.log.info)
+    ref, built = store.build_once(stored_as, fp, build, record, context.log.info)
+    ref = ref.model_copy(update={"key": stored_as})  # a hit may have been published under another point's name
     cached = not built
     if cached:
-        context.log.info(f"cache hit for {name}: fingerprint {fp}, data version {ref.content_hash}")
+        context.log.info(f"cache hit for {stored_as}: fingerprint {fp}, data version {ref.content_hash}")
         store.open_verified(ref)  # a hit hands these bytes downstream; never corrupt ones
     manifest = store.manifest(fp)
     return Output(ref, data_version=DataVersion(ref.content_hash),

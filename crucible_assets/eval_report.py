@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from dagster import AssetExecutionContext, AssetIn, Output, asset
+from dagster import AssetExecutionContext, AssetIn, Output, PartitionsDefinition, asset
 
 from crucible_assets import evaluation, plots
 from crucible_assets.caching import cached_artifact, key
@@ -69,11 +69,17 @@ def evaluate_model(recipe: str, algorithm: Algorithm, store: ArtifactStore, back
     return report, trained
 
 
-def eval_report_asset(recipe: str, algorithm: Algorithm, config_cls: type[EvalConfig]):
+def eval_report_asset(recipe: str, algorithm: Algorithm, config_cls: type[EvalConfig], stage: str = "eval_report",
+                      checkpoint: str = "checkpoint", partitions_def: PartitionsDefinition | None = None,
+                      description: str | None = None):
+    """`stage`, `checkpoint` and `partitions_def`: a sweep's `<recipe>/sweep_eval` of its
+    `sweep_checkpoint`, one partition per point."""
     stages = dict.fromkeys(("checkpoint", "tokenized", algorithm.held_out, "base_model"))  # the manifest's upstream order
+    stage_keys = {s: key(recipe, checkpoint if s == "checkpoint" else s) for s in stages}
 
-    @asset(key=key(recipe, "eval_report"), group_name=recipe, code_version=algorithm.eval_version, kinds={"json"},
-           ins={s: AssetIn(key=key(recipe, s)) for s in stages}, description=algorithm.eval_description)
+    @asset(key=key(recipe, stage), group_name=recipe, code_version=algorithm.eval_version, kinds={"json"},
+           ins={s: AssetIn(key=k) for s, k in stage_keys.items()}, partitions_def=partitions_def,
+           description=description or algorithm.eval_description)
     def _eval_report(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
                      **inputs: ArtifactRef) -> Output[ArtifactRef]:
         checkpoint = inputs["checkpoint"]

@@ -10,7 +10,7 @@ EXTRA_CURVES = {
 }
 
 
-def _pyplot():
+def pyplot():
     """matplotlib (about 1 s to import) loads with the first plot, so a cache hit never pays for it."""
     import matplotlib
 
@@ -20,21 +20,21 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def loss_curve(rows: list[dict], path: Path, train_key: str, eval_key: str) -> None:
-    fig, ax = _pyplot().subplots(figsize=(6, 3.5))
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     ax.plot([r["step"] for r in rows], [r[train_key] for r in rows], label=train_key)
     evals = [r for r in rows if eval_key in r]
     ax.plot([r["step"] for r in evals], [r[eval_key] for r in evals], "o-", label=eval_key)
     ax.set_xlabel("step")
     ax.set_ylabel(train_key if train_key.split("/")[-1] == eval_key.split("/")[-1] else f"{train_key} / {eval_key}")
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def extra_curves(rows: list[dict], out: Path) -> list[str]:
@@ -44,20 +44,20 @@ def extra_curves(rows: list[dict], out: Path) -> list[str]:
         present = [k for k in keys if any(k in r for r in rows)]
         if not present:
             continue
-        fig, ax = _pyplot().subplots(figsize=(6, 3.5))
+        fig, ax = pyplot().subplots(figsize=(6, 3.5))
         for k in present:
             points = [r for r in rows if k in r]
             ax.plot([r["step"] for r in points], [r[k] for r in points], label=k)
         ax.set_xlabel("step")
         ax.legend()
-        _save(fig, out / f"{name}.png")
+        save_figure(fig, out / f"{name}.png")
         written.append(f"{name}.png")
     return written
 
 
 def comparison(labels: list[str], values: list[float], errors: list[tuple[float, float]], ylabel: str, path: Path) -> None:
-    fig, ax = _pyplot().subplots(figsize=(4.5, 3.5))
+    fig, ax = pyplot().subplots(figsize=(4.5, 3.5))
     yerr = [[v - lo for v, (lo, _) in zip(values, errors)], [hi - v for v, (_, hi) in zip(values, errors)]]
     ax.bar(labels, values, yerr=yerr, capsize=6, color=["#999999", "#3b7dd8"])
     ax.set_ylabel(ylabel)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -1,9 +1,9 @@
 """A recipe is a spec: an algorithm, where it starts, its typed configs and its gate.
 `recipe_definitions` turns one into its Dagster objects: the asset group `<recipe>/...`
 (starting model, dataset, tokenized, the algorithm's own stages, checkpoint, eval report,
-the champion's eval on the same set, registered model), the blocking checks, and the job
-that materializes the group with its whole upstream chain (cached ancestors cost nothing).
-A new recipe is one file in recipes/."""
+the champion's eval on the same set, registered model, and the sweep stages), the blocking
+checks, the job that materializes the group with its whole upstream chain (cached ancestors
+cost nothing) and the sweep job (crucible_assets/sweeps/). A new recipe is one file in recipes/."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from dagster import AssetSelection, Definitions, ExecutorDefinition, define_asset_job, in_process_executor
 
+from crucible_assets.caching import key
 from crucible_assets.champion_eval import champion_eval_asset
 from crucible_assets.checks import dataset_checks, eval_gate_check, length_check, promotion_gate_check
 from crucible_assets.data import TokenizeConfig, dataset_asset, tokenized_asset
@@ -19,6 +20,7 @@ from crucible_assets.gate import Gate, Guard  # noqa: F401 (recipes state their 
 from crucible_assets.evaluation import EvalConfig
 from crucible_assets.registration import registered_model_asset
 from crucible_assets.starting_model import starting_model_asset
+from crucible_assets.sweeps.assets import SWEEP_STAGES, sweep_assets, sweep_job
 from crucible_assets.train.algorithm import Algorithm
 from crucible_assets.train.checkpoint import checkpoint_asset
 from crucible_assets.train.loop import TrainConfig
@@ -82,6 +84,8 @@ def recipe_assets(recipe: Recipe) -> list:
         champion_eval_asset(name, algorithm, recipe.evaluate or algorithm.eval_config, recipe.gate.metric),
         registered_model_asset(name, recipe.lineage_edge, recipe.gate.metric, recipe.gate.higher_is_better,
                                recipe.lineage_stage),
+        *sweep_assets(name, algorithm, recipe.train, recipe.evaluate or algorithm.eval_config, recipe.gate.metric,
+                      recipe.gate.higher_is_better),
     ]
 
 
@@ -101,6 +105,8 @@ def recipe_definitions(recipe: Recipe, executor: ExecutorDefinition = in_process
     its executor (deploy/k8s, deploy/celery)."""
     if found := recipe.problems():
         raise ValueError(f"recipe {recipe.name}: " + "; ".join(found))
-    job = define_asset_job(recipe.name, selection=AssetSelection.groups(recipe.name).upstream(), executor_def=executor,
+    swept = AssetSelection.assets(*(key(recipe.name, s) for s in SWEEP_STAGES))
+    job = define_asset_job(recipe.name, selection=(AssetSelection.groups(recipe.name) - swept).upstream(), executor_def=executor,
                            description=f"Materialize the {recipe.name} recipe end to end.", config=QUIET_CONSOLE)
-    return Definitions(assets=recipe_assets(recipe), asset_checks=recipe_checks(recipe), jobs=[job])
+    return Definitions(assets=recipe_assets(recipe), asset_checks=recipe_checks(recipe),
+                       jobs=[job, sweep_job(recipe.name, executor, QUIET_CONSOLE)])

@@ -1,8 +1,9 @@
 """`crucible` command line: lineage, audit (and reproduction), run comparison, the
-registry (listing, promote, rollback) and garbage collection of the store, read straight
-from the artifact store's manifests and the registry (no Dagster instance needed; a
-reproduction runs Dagster in a subprocess). Arguments and printing only: what is printed
-comes from resources/store/ and reproduce.py."""
+registry (listing, promote, rollback), sweeps and garbage collection of the store, read
+straight from the artifact store's manifests and the registry (no Dagster instance needed;
+a reproduction runs Dagster in a subprocess, a sweep runs its points in this process).
+Arguments and printing only: what is printed comes from resources/store/, reproduce.py and
+sweeps.py."""
 
 from __future__ import annotations
 
@@ -170,6 +171,18 @@ def cmd_gc(args, store, registry) -> int:
     return 0
 
 
+def cmd_sweep_run(args, store, registry) -> int:
+    from crucible_jobs import sweeps  # Dagster and the recipes load only for a sweep, not for every command
+
+    return sweeps.run(args.spec, args.launch)
+
+
+def cmd_sweep_report(args, store, registry) -> int:
+    from crucible_jobs import sweeps
+
+    return sweeps.print_report(args.name, args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="crucible", description="Lineage, audits and the model registry of a Crucible store ($CRUCIBLE_HOME).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +217,17 @@ def main(argv: list[str] | None = None) -> int:
                                   "(unchanged for an hour); --dry-run only lists them")
     p.add_argument("--dry-run", action="store_true", help="list what would be deleted (kind, bytes, path) and the total")
     p.set_defaults(fn=cmd_gc)
+    p = sub.add_parser("sweep", help="many runs of one recipe as one cached, compared experiment (docs/recipes.md#sweeps)")
+    actions = p.add_subparsers(dest="action", required=True)
+    m = actions.add_parser("run", help="check a sweep spec, then train and evaluate every point not cached yet and report")
+    m.add_argument("spec", help="sweep spec YAML (examples/sweep_sl_basic.yaml)")
+    m.add_argument("--launch", action="store_true", help="submit the points as a backfill to the Dagster instance's "
+                                                         "queue instead of running them here")
+    m.set_defaults(fn=cmd_sweep_run)
+    m = actions.add_parser("report", help="a sweep's stored report: points, configurations across seeds, the best one")
+    m.add_argument("name", help="the sweep's name (its spec's `name:`)")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(fn=cmd_sweep_report)
     args = parser.parse_args(argv)
     try:
         return args.fn(args, ArtifactStore(), ModelRegistry())

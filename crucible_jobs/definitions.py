@@ -37,7 +37,9 @@ def with_owners_and_automation(spec):
     version (a new sl_basic model retrains chat_sl, then dpo); roots (datasets, the base
     tokenizer) change only through config, the drop folder or a schedule."""
     spec = spec.replace_attributes(owners=OWNERS)
-    return spec.replace_attributes(automation_condition=FOLLOW_UPSTREAM) if spec.deps else spec
+    # sweep points (partitioned) and a sweep's report are experiments a user runs, never retrained behind their back
+    followed = spec.deps and spec.partitions_def is None and spec.key.path[-1] != "sweep_report"
+    return spec.replace_attributes(automation_condition=FOLLOW_UPSTREAM) if followed else spec
 
 
 def build_defs(executor: ExecutorDefinition = in_process_executor) -> Definitions:

@@ -14,7 +14,7 @@ from dagster import validate_run_config
 from crucible_jobs import defs
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+EXAMPLES = sorted(p for p in (REPO / "examples").glob("*.yaml") if not p.name.startswith("sweep_"))  # sweep specs: test_sweeps.py
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 RUN_LINE = re.compile(r"dagster job execute -m crucible_jobs -j (\w+) -c (\S+)")
 

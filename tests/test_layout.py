@@ -12,6 +12,7 @@ from pydantic import PositiveInt
 import crucible_jobs.definitions as definitions
 import recipes
 from crucible_assets.recipe import Recipe, dropped_rules, recipe_definitions
+from crucible_assets.sweeps.assets import SWEEP_STAGES
 from crucible_assets.train import sft
 from recipes import RECIPES
 
@@ -52,8 +53,13 @@ def test_doc_example_recipe_builds(discovered, monkeypatch):
 
     job = repo.get_job(name)
     group = {f"{name}/{stage}" for stage in STAGES}
-    assert {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys() if k.path[0] == name} == group
+    swept = {f"{name}/{stage}" for stage in SWEEP_STAGES}
+    assert {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys() if k.path[0] == name} == group | swept
     assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == group | {"base/tokenizer", "base/tiny_llama"}
+    sweep_job = repo.get_job(f"{name}_sweep")  # a sweep of the new recipe needs nothing more either
+    assert {k.to_user_string() for k in sweep_job.asset_layer.executable_asset_keys} == (
+        group - {f"{name}/{s}" for s in ("checkpoint", "eval_report", "champion_eval", "registered_model")}
+        | swept - {f"{name}/sweep_report"} | {"base/tokenizer", "base/tiny_llama"})
 
     checks = {(ck.asset_key.to_user_string(), ck.name): ck for ck in repo.asset_graph.asset_check_keys}
     gate = repo.asset_graph.get_check_spec(checks[(f"{name}/eval_report", "beats_starting_model")])
@@ -63,10 +69,10 @@ def test_doc_example_recipe_builds(discovered, monkeypatch):
     assert {f"{name}_retrain"} <= {s.name for s in repo.schedule_defs}
     assert {f"{name}_drop_folder"} <= {s.name for s in repo.sensor_defs}
 
-    # recipe_definitions alone, as the doc describes it: the job and the group, nothing else
+    # recipe_definitions alone, as the doc describes it: the jobs and the group, nothing else
     own = recipe_definitions(example)
-    assert [j.name for j in own.jobs] == [name]
-    assert {k.to_user_string() for a in own.assets for k in a.keys} == group
+    assert [j.name for j in own.jobs] == [name, f"{name}_sweep"]
+    assert {k.to_user_string() for a in own.assets for k in a.keys} == group | swept
 
 
 def module_lengths(pattern: str) -> dict[str, int]:

@@ -6,7 +6,7 @@ torchrun's processes instead (train/torchrun.py)."""
 
 from pathlib import Path
 
-from dagster import AssetExecutionContext, AssetIn, DagsterEventType, Output, asset
+from dagster import AssetExecutionContext, AssetIn, DagsterEventType, Output, PartitionsDefinition, asset
 
 from crucible_assets import plots
 from crucible_assets.caching import cached_artifact, key
@@ -54,12 +54,14 @@ def save_checkpoint(client, out: Path, rows: list[dict], telemetry: dict, loss_k
             "train_tokens": sum(r["num_tokens"] for r in rows), **telemetry, "plots": ["loss_curve.png", *extra]}
 
 
-def checkpoint_asset(recipe: str, algorithm: Algorithm, config_cls: type[TrainConfig]):
+def checkpoint_asset(recipe: str, algorithm: Algorithm, config_cls: type[TrainConfig], stage: str = "checkpoint",
+                     partitions_def: PartitionsDefinition | None = None, description: str | None = None):
+    """`stage` and `partitions_def`: a sweep's `<recipe>/sweep_checkpoint`, one partition per point."""
     stages = ("tokenized", "base_model", *algorithm.inputs)  # this order is the manifest's upstream order
 
-    @asset(key=key(recipe, "checkpoint"), group_name=recipe, code_version=algorithm.checkpoint_version,
+    @asset(key=key(recipe, stage), group_name=recipe, code_version=algorithm.checkpoint_version,
            kinds={"pytorch", "huggingface"}, **TRAINING_STEP, ins={s: AssetIn(key=key(recipe, s)) for s in stages},
-           description=algorithm.checkpoint_description)
+           partitions_def=partitions_def, description=description or algorithm.checkpoint_description)
     def _checkpoint(context: AssetExecutionContext, config: config_cls, store: ArtifactStore, backend: TrainingBackendResource,
                     tracking: TrackingResource, **inputs: ArtifactRef) -> Output[ArtifactRef]:
         config.check(context.asset_key.to_user_string())

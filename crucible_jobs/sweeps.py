@@ -1,0 +1,124 @@
+"""`crucible sweep run SPEC.yaml`: check the whole spec before anything trains (every point's
+train config through the recipe's own typed config, the base run config through Dagster's
+config check), save it, add its points as partitions, then run each point's partition of
+`<recipe>_sweep` in this process (cached points cost a cache hit) and the sweep report; or,
+with `--launch`, submit them as a backfill to the instance's run queue (the daemon, or a
+cluster's executor from deploy/, runs them) and report later. `crucible sweep report` prints
+the stored report."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from dagster import DagsterInstance, DagsterInvalidConfigError, validate_run_config
+from pydantic import ValidationError
+
+from crucible_assets.caching import key
+from crucible_assets.sweeps import spec as sweeps
+from crucible_assets.sweeps.assets import points_partitions, report_ref_key
+from recipes import RECIPES
+from resources.store.artifact_store import ArtifactStore
+
+
+def read_spec(path: str) -> sweeps.SweepSpec:
+    source = Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"{source.resolve()}: no such sweep spec file")
+    try:
+        raw = yaml.safe_load(source.read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    return sweeps.parse(raw, path)
+
+
+def check(spec: sweeps.SweepSpec, source: str) -> dict[str, dict]:
+    """Every point, or ValueError naming the spec file and the field at fault."""
+    by_name = {r.name: r for r in RECIPES}
+    if spec.recipe not in by_name:
+        raise ValueError(f"{source}: recipe: {spec.recipe!r} is not one of {sorted(by_name)}")
+    train = by_name[spec.recipe].train
+    in_base = f"base.ops.{sweeps.op(spec.recipe, 'checkpoint')}.config"
+    for where, fields in (("axes", spec.axes), (in_base, sweeps.train_config(spec, {}))):
+        if unknown := [f for f in fields if f not in train.model_fields]:
+            raise ValueError(f"{source}: {where}.{unknown[0]}: not a field of {spec.recipe}'s train config ({train.__name__}); "
+                             f"its fields: {', '.join(sorted(train.model_fields))}")
+    try:
+        points = sweeps.points(spec)
+    except ValueError as e:
+        raise ValueError(f"{source}: axes: {e}") from None
+    if len(points) > spec.max_points:
+        raise ValueError(f"{source}: {len(points)} points (configurations x seeds) is above max_points {spec.max_points}; "
+                         "shrink the axes or raise max_points")
+    for point, values in points.items():
+        try:
+            train(**sweeps.train_config(spec, values)).check(f"{source}: point {point}")
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(map(str, err["loc"]))
+            where = f"axes.{field}" if field in values else f"{in_base}.{field}"
+            raise ValueError(f"{source}: {where}: {err['msg']} (got {err.get('input')!r}, point {point})") from None
+    job = f"{spec.recipe}_sweep"
+    from crucible_jobs import defs
+
+    try:
+        validate_run_config(defs.resolve_job_def(job), sweeps.run_config(spec, next(iter(points))))
+    except DagsterInvalidConfigError as e:
+        problems = "; ".join(err.message for err in e.errors)
+        raise ValueError(f"{source}: base: not a valid run config for {spec.recipe}'s sweep: {problems}") from None
+    return points
+
+
+def instance() -> DagsterInstance:
+    """The README's instance (DAGSTER_HOME), so the points show in the UI; a throwaway one without it."""
+    try:
+        return DagsterInstance.get()
+    except Exception:  # DAGSTER_HOME unset: runs still execute, only their records are not kept
+        return DagsterInstance.ephemeral()
+
+
+def register(spec: sweeps.SweepSpec, points: dict[str, dict], dagster: DagsterInstance) -> None:
+    sweeps.save(spec)
+    name = points_partitions(spec.recipe).name
+    known = set(dagster.get_dynamic_partitions(name))
+    dagster.add_dynamic_partitions(name, [p for p in points if p not in known])
+
+
+def run(path: str, launch: bool) -> int:
+    spec = read_spec(path)
+    points = check(spec, path)
+    dagster = instance()
+    register(spec, points, dagster)
+    print(f"sweep {spec.name}: {len(points)} points of {spec.recipe} ({len(points) // len(spec.seeds)} configurations x "
+          f"{len(spec.seeds)} seeds)")
+    if launch:
+        return subprocess.call(["dagster", "job", "backfill", "-m", "crucible_jobs", "-j", f"{spec.recipe}_sweep",
+                                "--partitions", ",".join(points), "--noprompt"])
+    from crucible_jobs import defs
+
+    job, failed, started = defs.resolve_job_def(f"{spec.recipe}_sweep"), [], time.monotonic()
+    for i, point in enumerate(points, 1):
+        print(f"[{i}/{len(points)}] {point}", flush=True)
+        if not job.execute_in_process(partition_key=point, instance=dagster, raise_on_error=False).success:
+            failed.append(point)
+    report_key = key(spec.recipe, "sweep_report")
+    defs.resolve_implicit_job_def_def_for_assets([report_key]).execute_in_process(
+        instance=dagster, asset_selection=[report_key],
+        run_config={"ops": {sweeps.op(spec.recipe, "sweep_report"): {"config": {"sweep": spec.name}}}})
+    print(f"sweep {spec.name}: {len(points) - len(failed)} of {len(points)} points done in {time.monotonic() - started:.0f} s"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print_report(spec.name, as_json=False)
+    return 1 if failed else 0
+
+
+def print_report(name: str, as_json: bool) -> int:
+    spec = sweeps.load(name)
+    ref = ArtifactStore().latest_verified(report_ref_key(spec.recipe, name))
+    print((ref.dir / ("report.json" if as_json else "report.md")).read_text(), end="")
+    if not as_json:
+        print(f"\n(report: {ref.dir / 'report.md'}, plot: {ref.dir / 'sweep.png'})")
+    return 0
+
