@@ -38,7 +38,11 @@ def cached_artifact(
     build: Callable[[Path, Path], dict | None],
     backend: dict | None = None,
     extra_inputs: dict | None = None,
+    same_as: str | None = None,
 ) -> Output:
+    """`same_as`: the asset whose artifacts these are under another name (a sweep point's
+    checkpoint is its recipe's checkpoint at the point's config), fingerprinted as that asset
+    so either one's build is the other's cache hit."""
     name = context.asset_key.to_user_string()
     # a partition (a sweep point) is its own store key, so each point has its own latest ref;
     # the fingerprint leaves the partition out, so two sweeps' points with equal inputs are one artifact
@@ -47,7 +51,7 @@ def cached_artifact(
     # the asset's declared code_version, so bumping it in the decorator invalidates the cache
     code_version = context.assets_def.code_versions_by_key[context.asset_key]
     fp = fingerprint(
-        asset_key=name,  # two assets with equal inputs (e.g. two recipes' base_model) stay distinct
+        asset_key=same_as or name,  # two assets with equal inputs (e.g. two recipes' base_model) stay distinct
         code_version=code_version,
         config=config,
         upstream={k: r.content_hash for k, r in sorted(upstream.items())},

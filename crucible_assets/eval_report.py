@@ -97,6 +97,6 @@ def eval_report_asset(recipe: str, algorithm: Algorithm, config_cls: type[EvalCo
             return summary
 
         return cached_artifact(context, store, config=config.model_dump(), upstream={s: inputs[s] for s in stages},
-                               build=build, backend=backend.identity())
+                               build=build, backend=backend.identity(), same_as=f"{recipe}/eval_report")
 
     return _eval_report

@@ -22,12 +22,12 @@ class RegisterConfig(Config):
                                                              "the champion's by more than this (in the metric's units)")
 
 
-def model_card(recipe: str, lineage_edge: str, started_from: dict, report: dict, ancestry: list[dict]) -> str:
+def model_card(recipe: str, lineage_edge: str, started_from: dict, report: dict, ancestry: list[dict], trained: dict) -> str:
     """README.md of an export: what it came from (every ancestor's data version, the
-    datasets' content hashes), how it was trained, what it scored. Only recorded inputs go
-    in (no times, no run ids), so a reproduced chain writes the same bytes."""
+    datasets' content hashes), how it was trained (`trained`: the checkpoint's manifest), what
+    it scored. Only recorded inputs go in (no times, no run ids), so a reproduced chain writes
+    the same bytes."""
     start = started_from.get("registered_model") or started_from["source"]
-    trained = next(m for m in reversed(ancestry) if m["key"] == f"{recipe}/checkpoint")
     lines = [f"# {recipe}", "", f"Trained by Crucible's `{recipe}` recipe.", "", "## Lineage", "",
              f"`{lineage_edge}`: `{start}`", "", "| artifact | data version | code version |", "|---|---|---|"]
     lines += [f"| `{m['key']}` | `{m['content_hash']}` | {m['code_version']} |" for m in ancestry]
@@ -42,6 +42,16 @@ def model_card(recipe: str, lineage_edge: str, started_from: dict, report: dict,
     lines += ["## Metrics (held-out, vs. the starting model, 95% bootstrap CIs)", "", evaluation.markdown(report), "## Intended use", "",
               "Research experiments; a tiny model trained on the recipe's data, not for production use.", ""]
     return "\n".join(lines)
+
+
+def sweep_edge(recipe: str, trained_as: str) -> dict:
+    """A checkpoint first trained as a sweep point (`<recipe>/sweep_checkpoint/<point>`; the
+    recipe's run at that config was its cache hit) names the sweep and point it came from."""
+    prefix = f"{recipe}/sweep_checkpoint/"
+    if not trained_as.startswith(prefix):
+        return {}
+    point = trained_as.removeprefix(prefix)
+    return {"sweep": {"name": point.split(".", 1)[0], "point": point}}
 
 
 def run_summary(recipe: str, report: dict, metric: str, version: int, aliases: list[str], eval_report: ArtifactRef) -> str:
@@ -73,7 +83,7 @@ def registered_model_asset(recipe: str, lineage_edge: str, metric: str, higher_i
 
         def build(out, _work):
             exported = backend.export_model(checkpoint.dir / "model", out)
-            (out / "README.md").write_text(model_card(recipe, lineage_edge, edge_source, report, ancestry))
+            (out / "README.md").write_text(model_card(recipe, lineage_edge, edge_source, report, ancestry, ckpt_manifest))
             return {metric: report[metric], "model": recipe, **exported}
 
         output = cached_artifact(context, store, config={"model": recipe, "metric": metric},
@@ -86,7 +96,8 @@ def registered_model_asset(recipe: str, lineage_edge: str, metric: str, higher_i
             "metric_cis": {k.removesuffix("_ci"): v for k, v in report.items() if k.endswith("_ci")},
             "lineage": {lineage_edge: {"data_version": upstream_versions[edge_key], "source": edge_source["source"],
                                        "model": edge_source.get("registered_model")},
-                        "datasets": {k: v for k, v in upstream_versions.items() if k != edge_key}},
+                        "datasets": {k: v for k, v in upstream_versions.items() if k != edge_key},
+                        **sweep_edge(recipe, ckpt_manifest["key"])},
             "data_hashes": {m["key"]: m["content_hash"] for m in ancestry if m["key"].endswith("/dataset")},
             "config_hash": fingerprint(configs={m["key"]: m["config"] for m in ancestry}),
             "run_id": context.run_id,

@@ -183,6 +183,12 @@ def cmd_sweep_report(args, store, registry) -> int:
     return sweeps.print_report(args.name, args.json)
 
 
+def cmd_sweep_register(args, store, registry) -> int:
+    from crucible_jobs import sweeps
+
+    return sweeps.register(args.name, args.point)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="crucible", description="Lineage, audits and the model registry of a Crucible store ($CRUCIBLE_HOME).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -228,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("name", help="the sweep's name (its spec's `name:`)")
     m.add_argument("--json", action="store_true")
     m.set_defaults(fn=cmd_sweep_report)
+    m = actions.add_parser("register", help="register a point (default: the best configuration at the first seed) "
+                                            "through the recipe's own gate and promotion check; no retraining")
+    m.add_argument("name")
+    m.add_argument("--point", help="a point's full name (see the report)")
+    m.set_defaults(fn=cmd_sweep_register)
     args = parser.parse_args(argv)
     try:
         return args.fn(args, ArtifactStore(), ModelRegistry())

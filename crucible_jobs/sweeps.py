@@ -4,10 +4,12 @@ config check), save it, add its points as partitions, then run each point's part
 `<recipe>_sweep` in this process (cached points cost a cache hit) and the sweep report; or,
 with `--launch`, submit them as a backfill to the instance's run queue (the daemon, or a
 cluster's executor from deploy/, runs them) and report later. `crucible sweep report` prints
-the stored report."""
+the stored report; `crucible sweep register` registers a point through the recipe's gate."""
 
 from __future__ import annotations
 
+import copy
+import json
 import subprocess
 import sys
 import time
@@ -18,10 +20,11 @@ from dagster import DagsterInstance, DagsterInvalidConfigError, validate_run_con
 from pydantic import ValidationError
 
 from crucible_assets.caching import key
+from crucible_assets.recipe import QUIET_CONSOLE
 from crucible_assets.sweeps import spec as sweeps
 from crucible_assets.sweeps.assets import points_partitions, report_ref_key
 from recipes import RECIPES
-from resources.store.artifact_store import ArtifactStore
+from resources.store.artifact_store import ArtifactRef, ArtifactStore
 
 
 def read_spec(path: str) -> sweeps.SweepSpec:
@@ -80,7 +83,7 @@ def instance() -> DagsterInstance:
         return DagsterInstance.ephemeral()
 
 
-def register(spec: sweeps.SweepSpec, points: dict[str, dict], dagster: DagsterInstance) -> None:
+def add_points(spec: sweeps.SweepSpec, points: dict[str, dict], dagster: DagsterInstance) -> None:
     sweeps.save(spec)
     name = points_partitions(spec.recipe).name
     known = set(dagster.get_dynamic_partitions(name))
@@ -91,7 +94,7 @@ def run(path: str, launch: bool) -> int:
     spec = read_spec(path)
     points = check(spec, path)
     dagster = instance()
-    register(spec, points, dagster)
+    add_points(spec, points, dagster)
     print(f"sweep {spec.name}: {len(points)} points of {spec.recipe} ({len(points) // len(spec.seeds)} configurations x "
           f"{len(spec.seeds)} seeds)")
     if launch:
@@ -114,11 +117,41 @@ def run(path: str, launch: bool) -> int:
     return 1 if failed else 0
 
 
+def stored_report(name: str) -> ArtifactRef:
+    try:
+        return ArtifactStore().latest_verified(report_ref_key(sweeps.load(name).recipe, name))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"sweep {name} has no report yet: `crucible sweep run` it (or materialize its "
+                                "<recipe>/sweep_report in the UI)") from None
+
+
 def print_report(name: str, as_json: bool) -> int:
-    spec = sweeps.load(name)
-    ref = ArtifactStore().latest_verified(report_ref_key(spec.recipe, name))
+    ref = stored_report(name)
     print((ref.dir / ("report.json" if as_json else "report.md")).read_text(), end="")
     if not as_json:
         print(f"\n(report: {ref.dir / 'report.md'}, plot: {ref.dir / 'sweep.png'})")
     return 0
 
+
+
+def register(name: str, point: str | None) -> int:
+    """Register a point through the recipe's own job: its run config is the sweep's base with
+    the point's train config, so checkpoint and eval report are the point's artifacts (cache
+    hits) and only the gate, the promotion check and the export run. By default the best
+    configuration at the sweep's first seed: choosing the luckiest seed would flatter it."""
+    spec = sweeps.load(name)
+    points = sweeps.points(spec)
+    if point is None:
+        best = json.loads((stored_report(name).dir / "report.json").read_text())["best"]
+        point = sweeps.point_name(spec, {**best["values"], sweeps.SEED: spec.seeds[0]})
+    if point not in points:
+        raise KeyError(f"sweep {name} has no point {point!r}; its points: {', '.join(points)}")
+    config = copy.deepcopy(spec.base)
+    checkpoint = config.setdefault("ops", {}).setdefault(sweeps.op(spec.recipe, "checkpoint"), {})
+    checkpoint["config"] = sweeps.train_config(spec, points[point])
+    print(f"registering {point} through the {spec.recipe} job's gate")
+    from crucible_jobs import defs
+
+    result = defs.resolve_job_def(spec.recipe).execute_in_process(run_config={**QUIET_CONSOLE, **config}, instance=instance(),
+                                                                   raise_on_error=False)
+    return 0 if result.success else 1

@@ -10,6 +10,8 @@ earn one. Per command:
   scratch DAGSTER_HOME (the launch with deploy/dagster.yaml's run queue: the run is queued);
 - `crucible ...`: run as written by the venv's console script against a store where a tiny
   sl_basic was trained and registered; exit status 0 and what the line promises;
+  `crucible sweep run SPEC`: the spec passes the sweep's own check (sweeps run end to end in
+  tests/test_sweeps.py); `crucible sweep report NAME`: NAME is a shipped spec's;
 - `dagster dev`, `dagster-daemon`, `mlflow`, `tensorboard`: installed in the venv, and the
   subcommand's `--help` lists every flag the line uses (a served UI: tests/test_quickstart.py;
   the tracking runs these commands find: tests/test_ui.py);
@@ -153,6 +155,17 @@ def check_shell(m, tmp_path) -> None:
             assert (REPO / arg).exists(), f"{arg} does not exist in the repo"
 
 
+def check_sweep(m, _tmp) -> None:
+    """A sweep spec the docs run is valid as `crucible sweep run` checks it (tests/test_sweeps.py
+    runs sweeps end to end on a tiny model); a report the docs print is of a spec they ship."""
+    from crucible_jobs.sweeps import check, read_spec
+
+    if m["action"] == "run":
+        assert check(read_spec(m["arg"]), m["arg"])
+    else:
+        assert m["arg"] in {read_spec(str(p)).name for p in (REPO / "examples").glob("sweep_*.yaml")}
+
+
 CRUCIBLE_SHOWS = {  # what each `crucible` subcommand's output must contain, after the run below
     "models": ["sl_basic", "v1", "champion,latest"],
     "lineage": ["sl_basic/registered_model", "sl_basic/dataset  data_version="],
@@ -164,6 +177,7 @@ CHECKS = [  # (pattern, check): the first pattern that matches a whole command c
     (r"dagster job launch -j (?P<job>\w+)", check_job_launch),
     (r"dagster sensor start (?P<sensor>\w+)", check_sensor_start),
     (r"(dagster|dagster-daemon|mlflow|tensorboard)( .*)?", check_cli),
+    (r"crucible sweep (?P<action>run|report) (?P<arg>\S+)( --launch| --json)?", check_sweep),
     (r"crucible (?P<sub>\w+).*", None),  # run together in test_crucible_commands_run_against_a_registered_model
     (r"(\.venv/bin/)?python3? -m (?P<module>bench(\.scaling)?)(?P<args>.*)", check_bench),
     (r"\.venv/bin/python -m pytest -q", None),  # this very suite
@@ -191,7 +205,7 @@ def test_doc_command(where, command, tmp_path):
 
 def test_crucible_commands_run_against_a_registered_model(homes):
     assert run_job("sl_basic", TINY_RUN_CONFIG).success
-    lines = [(where, c) for where, c in COMMANDS if c.startswith("crucible ")]
+    lines = [(where, c) for where, c in COMMANDS if c.startswith("crucible ") and not c.startswith("crucible sweep ")]
     for where, command in lines:
         sub = command.split()[1]
         assert sub in CRUCIBLE_SHOWS, f"{where}: say in CRUCIBLE_SHOWS what `{command}` must print"

@@ -1,6 +1,7 @@
 """Every run config a user is shown is valid for the job it names: each file in examples/
 (against the job its header's `dagster job execute -m crucible_jobs -j <job>` line names)
-and each ```yaml block in README.md and docs/ (against the recipe its op names belong to).
+and each ```yaml block in README.md and docs/ (against the recipe its op names belong to; a
+sweep spec as `crucible sweep run` checks it).
 A renamed field or a misspelt choice in the docs fails here, not in a new user's hands.
 Validation only (Dagster's own config check); the examples that train are run elsewhere."""
 
@@ -11,7 +12,9 @@ import pytest
 import yaml
 from dagster import validate_run_config
 
+from crucible_assets.sweeps.spec import parse
 from crucible_jobs import defs
+from crucible_jobs.sweeps import check
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(p for p in (REPO / "examples").glob("*.yaml") if not p.name.startswith("sweep_"))  # sweep specs: test_sweeps.py
@@ -53,6 +56,9 @@ def test_example_is_valid_for_its_job(path):
 
 @pytest.mark.parametrize("where,config", doc_blocks(), ids=lambda x: x if isinstance(x, str) else "")
 def test_doc_yaml_block_is_valid_for_its_recipe(where, config):
+    if "axes" in config:  # a sweep spec (docs/recipes.md#sweeps): checked as `crucible sweep run` checks it
+        assert check(parse(config, where), where)
+        return
     for job in jobs_for(config):
         assert_valid(job, config, where)
 

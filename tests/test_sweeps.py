@@ -15,6 +15,7 @@ from conftest import TINY_RUN_CONFIG
 from crucible_assets.sweeps import report, spec as sweeps
 from crucible_jobs import cli
 from crucible_jobs.sweeps import check, read_spec
+from resources.store.registry import ModelRegistry
 
 REPO = Path(__file__).resolve().parents[1]
 def tiny(run_config: dict, *recipes: str) -> dict:
@@ -143,6 +144,15 @@ def test_sweep_trains_each_point_once_and_reports_the_best(homes, tmp_path, caps
     assert len(_report(home)["points"]) == 6
     assert set(DagsterInstance.get().get_dynamic_partitions("sl_basic_sweep_points")) == set(sweeps.points(read_spec(path)))
     assert cli.main(["sweep", "report", "lr", "--json"]) == 0
+
+    trained = {p.name for p in (home / "store" / "manifests").iterdir()}
+    assert cli.main(["sweep", "register", "lr"]) == 0  # through sl_basic's own gate, without retraining
+    best_point = sweeps.point_name(read_spec(path), {"learning_rate": 3e-3, "seed": 0})
+    new = [json.loads((home / "store" / "manifests" / name).read_text())["key"]
+           for name in {p.name for p in (home / "store" / "manifests").iterdir()} - trained]
+    assert sorted(new) == ["sl_basic/champion_eval", "sl_basic/registered_model"]  # no checkpoint, no eval report
+    (version,) = ModelRegistry().models()["sl_basic"]["versions"]
+    assert version["lineage"]["sweep"] == {"name": "lr", "point": best_point}
 
 
 def _report(home: Path) -> dict:

@@ -56,7 +56,8 @@ def save_checkpoint(client, out: Path, rows: list[dict], telemetry: dict, loss_k
 
 def checkpoint_asset(recipe: str, algorithm: Algorithm, config_cls: type[TrainConfig], stage: str = "checkpoint",
                      partitions_def: PartitionsDefinition | None = None, description: str | None = None):
-    """`stage` and `partitions_def`: a sweep's `<recipe>/sweep_checkpoint`, one partition per point."""
+    """`stage` and `partitions_def`: a sweep's `<recipe>/sweep_checkpoint`, one partition per
+    point, whose artifacts are the recipe's checkpoints at the points' configs (same fingerprints)."""
     stages = ("tokenized", "base_model", *algorithm.inputs)  # this order is the manifest's upstream order
 
     @asset(key=key(recipe, stage), group_name=recipe, code_version=algorithm.checkpoint_version,
@@ -78,7 +79,7 @@ def checkpoint_asset(recipe: str, algorithm: Algorithm, config_cls: type[TrainCo
             return save_checkpoint(client, out, rows, telemetry, algorithm.loss_key, algorithm.eval_key)
 
         output = cached_artifact(context, store, config=config.model_dump(), upstream=upstream,
-                                 build=build, backend=backend.identity())
+                                 build=build, backend=backend.identity(), same_as=f"{recipe}/checkpoint")
         # the enabled tracking sinks (MLflow, TensorBoard) get the checkpoint, trained now or cached
         tracking.record_checkpoint(output.value, store.manifest(output.value.fingerprint), context.log.info)
         return output
