@@ -174,7 +174,7 @@ def cmd_gc(args, store, registry) -> int:
 def cmd_sweep_run(args, store, registry) -> int:
     from crucible_jobs import sweeps  # Dagster and the recipes load only for a sweep, not for every command
 
-    return sweeps.run(args.spec, args.launch)
+    return sweeps.run(args.spec, args.launch, args.module, args.parallel, tuple(args.config))
 
 
 def cmd_sweep_report(args, store, registry) -> int:
@@ -229,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("spec", help="sweep spec YAML (examples/sweep_sl_basic.yaml)")
     m.add_argument("--launch", action="store_true", help="submit the points as a backfill to the Dagster instance's "
                                                          "queue instead of running them here")
+    m.add_argument("--module", default="crucible_jobs", help="the code location whose sweep job runs the points "
+                                                             "(deploy.celery.definitions: on the Celery workers)")
+    m.add_argument("--parallel", type=lambda v: max(1, int(v)), default=1, help="points run at once (each its own `dagster job execute`)")
+    m.add_argument("-c", "--config", action="append", default=[], help="run config laid over every point's "
+                                                                       "(deploy/celery/celery.yaml: the executor's)")
     m.set_defaults(fn=cmd_sweep_run)
     m = actions.add_parser("report", help="a sweep's stored report: points, configurations across seeds, the best one")
     m.add_argument("name", help="the sweep's name (its spec's `name:`)")

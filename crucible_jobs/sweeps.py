@@ -9,10 +9,14 @@ the stored report; `crucible sweep register` registers a point through the recip
 from __future__ import annotations
 
 import copy
+import importlib
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -38,8 +42,9 @@ def read_spec(path: str) -> sweeps.SweepSpec:
     return sweeps.parse(raw, path)
 
 
-def check(spec: sweeps.SweepSpec, source: str) -> dict[str, dict]:
-    """Every point, or ValueError naming the spec file and the field at fault."""
+def check(spec: sweeps.SweepSpec, source: str, module: str = "crucible_jobs", extra: dict | None = None) -> dict[str, dict]:
+    """Every point, or ValueError naming the spec file and the field at fault. `module`: the
+    code location the points run in; `extra`: run config every point gets on top (an executor's)."""
     by_name = {r.name: r for r in RECIPES}
     if spec.recipe not in by_name:
         raise ValueError(f"{source}: recipe: {spec.recipe!r} is not one of {sorted(by_name)}")
@@ -64,11 +69,8 @@ def check(spec: sweeps.SweepSpec, source: str) -> dict[str, dict]:
             field = ".".join(map(str, err["loc"]))
             where = f"axes.{field}" if field in values else f"{in_base}.{field}"
             raise ValueError(f"{source}: {where}: {err['msg']} (got {err.get('input')!r}, point {point})") from None
-    job = f"{spec.recipe}_sweep"
-    from crucible_jobs import defs
-
     try:
-        validate_run_config(defs.resolve_job_def(job), sweeps.run_config(spec, next(iter(points))))
+        validate_run_config(sweep_job(spec, module), point_config(spec, next(iter(points)), extra or {}))
     except DagsterInvalidConfigError as e:
         problems = "; ".join(err.message for err in e.errors)
         raise ValueError(f"{source}: base: not a valid run config for {spec.recipe}'s sweep: {problems}") from None
@@ -90,23 +92,66 @@ def add_points(spec: sweeps.SweepSpec, points: dict[str, dict], dagster: Dagster
     dagster.add_dynamic_partitions(name, [p for p in points if p not in known])
 
 
-def run(path: str, launch: bool) -> int:
+def sweep_job(spec: sweeps.SweepSpec, module: str):
+    if os.getcwd() not in sys.path:  # as `dagster job execute -m` finds deploy.celery.definitions: from the working directory
+        sys.path.append(os.getcwd())
+    return importlib.import_module(module).defs.resolve_job_def(f"{spec.recipe}_sweep")
+
+
+def point_config(spec: sweeps.SweepSpec, point: str, extra: dict) -> dict:
+    """The point's run config with `extra`'s top-level sections (`execution:` for a cluster's
+    executor, `resources:`) laid over it, section by section."""
+    config = sweeps.run_config(spec, point)
+    for section, value in extra.items():
+        config[section] = {**config.get(section, {}), **value}
+    return config
+
+
+def run_points(spec: sweeps.SweepSpec, points: list[str], module: str, parallel: int, extra: dict,
+               dagster: DagsterInstance) -> list[str]:
+    """Each point as one Dagster run; the failed ones. In this process one after another, or,
+    for another code location (deploy/celery, deploy/k8s: its executor spreads each run's steps
+    over its workers) or `parallel > 1`, as `dagster job execute` processes, `parallel` at a time."""
+    if module == "crucible_jobs" and parallel == 1 and not extra:
+        job, failed = sweep_job(spec, module), []
+        for i, point in enumerate(points, 1):
+            print(f"[{i}/{len(points)}] {point}", flush=True)
+            if not job.execute_in_process(partition_key=point, instance=dagster, raise_on_error=False).success:
+                failed.append(point)
+        return failed
+    with tempfile.TemporaryDirectory() as configs, ThreadPoolExecutor(parallel) as pool:
+        def one(point: str) -> bool:
+            path = Path(configs) / f"{point}.yaml"
+            path.write_text(yaml.safe_dump(point_config(spec, point, extra)))
+            command = ["dagster", "job", "execute", "-m", module, "-j", f"{spec.recipe}_sweep", "-c", str(path),
+                       "--tags", json.dumps({"dagster/partition": point})]
+            with open(Path(configs) / f"{point}.log", "w") as log:
+                done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode == 0
+            print(f"{'done' if done else 'FAILED'}: {point}" + ("" if done else f"\n{(Path(configs) / f'{point}.log').read_text()[-3000:]}"),
+                  flush=True)
+            return done
+
+        return [p for p, done in zip(points, pool.map(one, points)) if not done]
+
+
+def run(path: str, launch: bool, module: str = "crucible_jobs", parallel: int = 1, extra_configs: tuple[str, ...] = ()) -> int:
     spec = read_spec(path)
-    points = check(spec, path)
+    extra: dict = {}
+    for config in extra_configs:
+        for section, value in (yaml.safe_load(Path(config).read_text()) or {}).items():
+            extra[section] = {**extra.get(section, {}), **value}
+    points = check(spec, path, module, extra)
     dagster = instance()
     add_points(spec, points, dagster)
     print(f"sweep {spec.name}: {len(points)} points of {spec.recipe} ({len(points) // len(spec.seeds)} configurations x "
           f"{len(spec.seeds)} seeds)")
     if launch:
-        return subprocess.call(["dagster", "job", "backfill", "-m", "crucible_jobs", "-j", f"{spec.recipe}_sweep",
+        return subprocess.call(["dagster", "job", "backfill", "-m", module, "-j", f"{spec.recipe}_sweep",
                                 "--partitions", ",".join(points), "--noprompt"])
+    started = time.monotonic()
+    failed = run_points(spec, list(points), module, parallel, extra, dagster)
     from crucible_jobs import defs
 
-    job, failed, started = defs.resolve_job_def(f"{spec.recipe}_sweep"), [], time.monotonic()
-    for i, point in enumerate(points, 1):
-        print(f"[{i}/{len(points)}] {point}", flush=True)
-        if not job.execute_in_process(partition_key=point, instance=dagster, raise_on_error=False).success:
-            failed.append(point)
     report_key = key(spec.recipe, "sweep_report")
     defs.resolve_implicit_job_def_def_for_assets([report_key]).execute_in_process(
         instance=dagster, asset_selection=[report_key],

@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from unittest import mock
 from pathlib import Path
 
 import pytest
@@ -160,8 +161,14 @@ def check_sweep(m, _tmp) -> None:
     runs sweeps end to end on a tiny model); a report the docs print is of a spec they ship."""
     from crucible_jobs.sweeps import check, read_spec
 
-    if m["action"] == "run":
-        assert check(read_spec(m["arg"]), m["arg"])
+    if m["action"] == "run":  # on another code location (--module) with its executor's config (-c) where the line says so
+        module = re.search(r"--module (\S+)", m["flags"])
+        extra = {}
+        for config in re.findall(r"-c (\S+)", m["flags"]):
+            extra |= yaml.safe_load((REPO / config).read_text())
+        exported = {k: v for _, c in COMMANDS if c.startswith("export ") for k, v in re.findall(r"(\w+)=(\S+)", c)}
+        with mock.patch.dict(os.environ, exported):  # as the docs' shell has them (the broker's URL)
+            assert check(read_spec(m["arg"]), m["arg"], module[1] if module else "crucible_jobs", extra)
     else:
         assert m["arg"] in {read_spec(str(p)).name for p in (REPO / "examples").glob("sweep_*.yaml")}
 
@@ -176,8 +183,9 @@ CHECKS = [  # (pattern, check): the first pattern that matches a whole command c
     (r"dagster job execute -m crucible_jobs -j (?P<job>\w+)(?: -c (?P<file>\S+))?", check_job_execute),
     (r"dagster job launch -j (?P<job>\w+)", check_job_launch),
     (r"dagster sensor start (?P<sensor>\w+)", check_sensor_start),
-    (r"(dagster|dagster-daemon|mlflow|tensorboard)( .*)?", check_cli),
-    (r"crucible sweep (?P<action>run|report) (?P<arg>\S+)( --launch| --json)?", check_sweep),
+    (r"(dagster|dagster-daemon|dagster-celery|mlflow|tensorboard)( .*)?", check_cli),
+    (r"crucible sweep (?P<action>run|report) (?P<arg>\S+)(?P<flags>( --launch| --json| --parallel \d+| --module \S+| -c \S+)*)",
+     check_sweep),
     (r"crucible (?P<sub>\w+).*", None),  # run together in test_crucible_commands_run_against_a_registered_model
     (r"(\.venv/bin/)?python3? -m (?P<module>bench(\.scaling)?)(?P<args>.*)", check_bench),
     (r"\.venv/bin/python -m pytest -q", None),  # this very suite
