@@ -11,7 +11,7 @@ earn one. Per command:
 - `crucible ...`: run as written by the venv's console script against a store where a tiny
   sl_basic was trained and registered; exit status 0 and what the line promises;
   `crucible sweep run SPEC`: the spec passes the sweep's own check (sweeps run end to end in
-  tests/test_sweeps.py); `crucible sweep report NAME`: NAME is a shipped spec's;
+  tests/test_sweeps.py); `crucible sweep report|register NAME`: NAME is a shipped spec's;
 - `dagster dev`, `dagster-daemon`, `mlflow`, `tensorboard`: installed in the venv, and the
   subcommand's `--help` lists every flag the line uses (a served UI: tests/test_quickstart.py;
   the tracking runs these commands find: tests/test_ui.py);
@@ -184,7 +184,7 @@ CHECKS = [  # (pattern, check): the first pattern that matches a whole command c
     (r"dagster job launch -j (?P<job>\w+)", check_job_launch),
     (r"dagster sensor start (?P<sensor>\w+)", check_sensor_start),
     (r"(dagster|dagster-daemon|dagster-celery|mlflow|tensorboard)( .*)?", check_cli),
-    (r"crucible sweep (?P<action>run|report) (?P<arg>\S+)(?P<flags>( --launch| --json| --parallel \d+| --module \S+| -c \S+)*)",
+    (r"crucible sweep (?P<action>run|report|register) (?P<arg>\S+)(?P<flags>( --launch| --json| --parallel \d+| --module \S+| -c \S+)*)",
      check_sweep),
     (r"crucible (?P<sub>\w+).*", None),  # run together in test_crucible_commands_run_against_a_registered_model
     (r"(\.venv/bin/)?python3? -m (?P<module>bench(\.scaling)?)(?P<args>.*)", check_bench),
