@@ -174,7 +174,7 @@ def print_report(name: str, as_json: bool) -> int:
     ref = stored_report(name)
     print((ref.dir / ("report.json" if as_json else "report.md")).read_text(), end="")
     if not as_json:
-        print(f"\n(report: {ref.dir / 'report.md'}, plot: {ref.dir / 'sweep.png'})")
+        print(f"\n(report: {ref.dir / 'report.md'}, plot: {ref.dir / 'metric_by_axis.png'})")
     return 0
 
 

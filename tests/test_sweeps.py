@@ -120,7 +120,7 @@ def sweep_manifests(home: Path, stage: str) -> set[str]:
 
 @pytest.mark.slow
 def test_sweep_trains_each_point_once_and_reports_the_best(homes, tmp_path, capsys):
-    from dagster import DagsterInstance
+    from dagster import AssetKey, DagsterInstance
 
     base = copy.deepcopy(tiny(TINY_RUN_CONFIG, "sl_basic"))
     base["ops"]["sl_basic__checkpoint"]["config"] |= {"max_steps": 20, "eval_every": 10, "save_every": 10}
@@ -142,7 +142,10 @@ def test_sweep_trains_each_point_once_and_reports_the_best(homes, tmp_path, caps
     assert cli.main(["sweep", "run", write_spec(tmp_path, base=base, axes={"learning_rate": [3e-4, 3e-3]}, seeds=[0, 1, 2])]) == 0
     assert len(sweep_manifests(home, "sl_basic/sweep_checkpoint") - first) == 2  # only the two seed-2 points
     assert len(_report(home)["points"]) == 6
-    assert set(DagsterInstance.get().get_dynamic_partitions("sl_basic_sweep_points")) == set(sweeps.points(read_spec(path)))
+    dagster = DagsterInstance.get()  # the UI's view: every point a partition, the report's plot inline
+    assert set(dagster.get_dynamic_partitions("sl_basic_sweep_points")) == set(sweeps.points(read_spec(path)))
+    shown = dagster.get_latest_materialization_event(AssetKey(["sl_basic", "sweep_report"])).asset_materialization.metadata
+    assert "data:image/png;base64," in shown["metric_by_axis"].value and "best: learning_rate=0.003" in shown["verdict"].value
     assert cli.main(["sweep", "report", "lr", "--json"]) == 0
 
     trained = {p.name for p in (home / "store" / "manifests").iterdir()}

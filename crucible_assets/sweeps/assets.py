@@ -49,7 +49,7 @@ def last_sweep(recipe: str) -> str:
 
 
 def sweep_report_asset(recipe: str, metric: str, higher_is_better: bool):
-    @asset(key=key(recipe, "sweep_report"), group_name=recipe, code_version="1", kinds={"json"},
+    @asset(key=key(recipe, "sweep_report"), group_name=recipe, code_version="2", kinds={"json"},
            deps=[AssetDep(key(recipe, "sweep_eval"))],
            description=f"One sweep of {recipe} compared: every point's metrics with CIs, each configuration's mean and "
                        "seed spread, the best configuration by the gate metric and whether it beats the runner-up "
@@ -70,9 +70,9 @@ def sweep_report_asset(recipe: str, metric: str, higher_is_better: bool):
             summary = report.summarize(sweep, reports, metric, higher_is_better)
             (out / "report.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
             (out / "report.md").write_text(report.markdown(summary))
-            report.plot(summary, out / "sweep.png")
+            report.plot(summary, out / "metric_by_axis.png")
             return {"sweep": sweep.name, "points_done": len(reports), "points_missing": len(summary["missing"]),
-                    "verdict": report.verdict(summary), "plots": ["sweep.png"]}
+                    "verdict": report.verdict(summary), "plots": ["metric_by_axis.png"]}
 
         output = cached_artifact(context, store, config={"sweep": sweep.model_dump(mode="json")}, upstream=evals, build=build)
         store.set_latest(output.value.model_copy(update={"key": report_ref_key(recipe, sweep.name)}))

@@ -156,17 +156,15 @@ def plot(summary: dict, path: Path) -> None:
             cis = [mean_interval(g) for g in groups]
             err = [[m - lo for m, (lo, _) in zip(means, cis)], [hi - m for m, (_, hi) in zip(means, cis)]]
             ax.errorbar(positions, means, yerr=err, marker="o", capsize=4, label=name or "mean over seeds")
-            if not numeric:
-                ax.set_xticks(positions, [str(x) for x in xs])
-            elif min(xs) > 0 and max(xs) / min(xs) >= 10:
+            if numeric and min(xs) > 0 and max(xs) / min(xs) >= 3:
                 ax.set_xscale("log")
-        starts = [g["start"] for g in summary["configurations"]]
-        if starts:
-            ax.axhline(float(np.mean(starts)), linestyle="--", color="grey", label="start")
+            ax.set_xticks(positions, [f"{x:g}" if numeric else str(x) for x in xs])
+            ax.minorticks_off()
+        if starts := [g["start"] for g in summary["configurations"]]:  # a line would squash the points together
+            ax.set_title(f"starting model: {float(np.mean(starts)):.4g}", fontsize="small")
+            ax.legend(fontsize="small")
         ax.set_xlabel(axis)
         ax.set_ylabel(summary["metric"])
-        if summary["configurations"]:
-            ax.legend(fontsize="small")
     plots.save_figure(fig, path)
 
 
