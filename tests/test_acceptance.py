@@ -7,8 +7,10 @@ each test asserts sit well below what the figures cleared (fp32, 2 threads, 2026
 after fused AdamW, the sampler's own decode loop and 200 RL steps): sl_basic test/nll gain CI
 upper -5.477 (asserted < -1), chat_sl -2.297 (< -0.5), dpo test/logp_margin gain CI lower
 41.95 nats (> 0), math_rl test/sample_accuracy 0.025 (> 0; greedy guard -0.02, its CI lower
-bound 0.017), distillation test/accuracy 0.655 (> 0.2). Not re-measured at 1
-thread since those changes. CRUCIBLE_TEST_PRECISION=bf16: math_rl 0.113, distillation 0.586."""
+bound 0.017), distillation test/accuracy 0.655 (> 0.2). At 1 thread (CRUCIBLE_TEST_THREADS=1,
+same date, both chains passed in 25 min): the same sl_basic, chat_sl and math_rl figures to
+the digit, dpo 38.9, distillation 0.647. CRUCIBLE_TEST_PRECISION=bf16: sl_basic -5.485,
+chat_sl -2.372, dpo 44.5, math_rl 0.113, distillation 0.586."""
 
 import json
 import os
