@@ -107,6 +107,12 @@ def point_config(spec: sweeps.SweepSpec, point: str, extra: dict) -> dict:
     return config
 
 
+def dagster_cli() -> str:
+    """The `dagster` beside this Python (the venv's), whether or not the venv is activated."""
+    beside = Path(sys.executable).with_name("dagster")
+    return str(beside) if beside.exists() else "dagster"
+
+
 def run_points(spec: sweeps.SweepSpec, points: list[str], module: str, parallel: int, extra: dict,
                dagster: DagsterInstance) -> list[str]:
     """Each point as one Dagster run; the failed ones. In this process one after another, or,
@@ -123,7 +129,7 @@ def run_points(spec: sweeps.SweepSpec, points: list[str], module: str, parallel:
         def one(point: str) -> bool:
             path = Path(configs) / f"{point}.yaml"
             path.write_text(yaml.safe_dump(point_config(spec, point, extra)))
-            command = ["dagster", "job", "execute", "-m", module, "-j", f"{spec.recipe}_sweep", "-c", str(path),
+            command = [dagster_cli(), "job", "execute", "-m", module, "-j", f"{spec.recipe}_sweep", "-c", str(path),
                        "--tags", json.dumps({"dagster/partition": point})]
             with open(Path(configs) / f"{point}.log", "w") as log:
                 done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode == 0
@@ -135,6 +141,9 @@ def run_points(spec: sweeps.SweepSpec, points: list[str], module: str, parallel:
 
 
 def run(path: str, launch: bool, module: str = "crucible_jobs", parallel: int = 1, extra_configs: tuple[str, ...] = ()) -> int:
+    if launch and extra_configs:
+        raise ValueError("--launch queues the points with the run config their partitions give them; an executor's "
+                         "settings (-c) belong in the code location's executor there (e.g. celery_executor.configured)")
     spec = read_spec(path)
     extra: dict = {}
     for config in extra_configs:
@@ -146,7 +155,7 @@ def run(path: str, launch: bool, module: str = "crucible_jobs", parallel: int = 
     print(f"sweep {spec.name}: {len(points)} points of {spec.recipe} ({len(points) // len(spec.seeds)} configurations x "
           f"{len(spec.seeds)} seeds)")
     if launch:
-        return subprocess.call(["dagster", "job", "backfill", "-m", module, "-j", f"{spec.recipe}_sweep",
+        return subprocess.call([dagster_cli(), "job", "backfill", "-m", module, "-j", f"{spec.recipe}_sweep",
                                 "--partitions", ",".join(points), "--noprompt"])
     started = time.monotonic()
     failed = run_points(spec, list(points), module, parallel, extra, dagster)
@@ -176,7 +185,6 @@ def print_report(name: str, as_json: bool) -> int:
     if not as_json:
         print(f"\n(report: {ref.dir / 'report.md'}, plot: {ref.dir / 'metric_by_axis.png'})")
     return 0
-
 
 
 def register(name: str, point: str | None) -> int:
