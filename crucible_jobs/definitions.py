@@ -13,6 +13,7 @@ from crucible_assets.recipe import recipe_definitions
 from crucible_jobs.automation import FOLLOW_UPSTREAM, follow_upstream_sensor
 from crucible_jobs.schedules import recipe_schedule
 from crucible_jobs.sensors import drop_folder_sensor, feedback_sensors
+from crucible_jobs.sweeps import sweep_launch_job
 from recipes import RECIPES
 from resources.backends.resource import TrainingBackendResource
 from resources.store.artifact_store import ArtifactStore
@@ -48,7 +49,7 @@ def build_defs(executor: ExecutorDefinition = in_process_executor) -> Definition
     store = ArtifactStore()
     shared = Definitions(
         assets=BASE_ASSETS + feedback.assets,
-        jobs=[feedback_job],
+        jobs=[feedback_job, sweep_launch_job],
         schedules=[recipe_schedule(r.name) for r in RECIPES],
         sensors=[drop_folder_sensor(r.name) for r in RECIPES] + feedback_sensors() + [follow_upstream_sensor],
         resources={

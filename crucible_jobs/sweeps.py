@@ -6,8 +6,6 @@ with `--launch`, submit them as a backfill to the instance's run queue (the daem
 cluster's executor from deploy/, runs them) and report later. `crucible sweep report` prints
 the stored report; `crucible sweep register` registers a point through the recipe's gate."""
 
-from __future__ import annotations
-
 import copy
 import importlib
 import json
@@ -20,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
-from dagster import DagsterInstance, DagsterInvalidConfigError, validate_run_config
-from pydantic import ValidationError
+from dagster import Config, DagsterInstance, DagsterInvalidConfigError, OpExecutionContext, job, op, validate_run_config
+from pydantic import Field, ValidationError
 
 from crucible_assets.caching import key
 from crucible_assets.recipe import QUIET_CONSOLE
@@ -151,24 +149,51 @@ def run(path: str, launch: bool, module: str = "crucible_jobs", parallel: int = 
             extra[section] = {**extra.get(section, {}), **value}
     points = check(spec, path, module, extra)
     dagster = instance()
-    add_points(spec, points, dagster)
-    print(f"sweep {spec.name}: {len(points)} points of {spec.recipe} ({len(points) // len(spec.seeds)} configurations x "
-          f"{len(spec.seeds)} seeds)")
     if launch:
+        add_points(spec, points, dagster)
         return subprocess.call([dagster_cli(), "job", "backfill", "-m", module, "-j", f"{spec.recipe}_sweep",
                                 "--partitions", ",".join(points), "--noprompt"])
+    failed = execute(spec, points, dagster, module, parallel, extra, print)
+    print_report(spec.name, as_json=False)
+    return 1 if failed else 0
+
+
+def execute(spec: sweeps.SweepSpec, points: dict[str, dict], dagster: DagsterInstance, module: str = "crucible_jobs",
+            parallel: int = 1, extra: dict | None = None, log=print) -> list[str]:
+    """Save the checked spec, add its points, run them, then the report; the failed points."""
+    add_points(spec, points, dagster)
+    log(f"sweep {spec.name}: {len(points)} points of {spec.recipe} ({len(points) // len(spec.seeds)} configurations x "
+        f"{len(spec.seeds)} seeds)")
     started = time.monotonic()
-    failed = run_points(spec, list(points), module, parallel, extra, dagster)
+    failed = run_points(spec, list(points), module, parallel, extra or {}, dagster)
     from crucible_jobs import defs
 
     report_key = key(spec.recipe, "sweep_report")
     defs.resolve_implicit_job_def_def_for_assets([report_key]).execute_in_process(
         instance=dagster, asset_selection=[report_key],
         run_config={"ops": {sweeps.op(spec.recipe, "sweep_report"): {"config": {"sweep": spec.name}}}})
-    print(f"sweep {spec.name}: {len(points) - len(failed)} of {len(points)} points done in {time.monotonic() - started:.0f} s"
-          + (f"; failed: {', '.join(failed)}" if failed else ""))
-    print_report(spec.name, as_json=False)
-    return 1 if failed else 0
+    log(f"sweep {spec.name}: {len(points) - len(failed)} of {len(points)} points done in {time.monotonic() - started:.0f} s"
+        + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return failed
+
+
+class SweepLaunch(Config):
+    spec: str = Field(default="examples/sweep_sl_basic.yaml", description="a sweep spec YAML (docs/recipes.md#sweeps), "
+                                                                          "relative to the code location's working directory")
+
+
+@op(description="Check a sweep spec, add its points as partitions of <recipe>_sweep and run every point not cached "
+                "(each its own run, listed under Runs), then <recipe>/sweep_report: `crucible sweep run` from the Launchpad.")
+def run_sweep(context: OpExecutionContext, config: SweepLaunch) -> None:
+    spec = read_spec(config.spec)
+    if failed := execute(spec, check(spec, config.spec), context.instance, log=context.log.info):
+        raise RuntimeError(f"sweep {spec.name}: points failed: {', '.join(failed)} (their runs say why)")
+    context.log.info(f"report: {stored_report(spec.name).dir / 'report.md'}")
+
+
+@job(name="sweep", description="Run a sweep from its spec file: the Launchpad's `crucible sweep run`.")
+def sweep_launch_job():
+    run_sweep()
 
 
 def stored_report(name: str) -> ArtifactRef:

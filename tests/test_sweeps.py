@@ -182,3 +182,28 @@ def test_dpo_sweep_reads_one_reference_logprobs_artifact(homes, tmp_path):
 def test_example_sweep_specs_are_valid(path):
     points = check(read_spec(str(path)), path.name)
     assert len(points) >= 6
+
+
+def launch_from_launchpad(spec_path: str):
+    from dagster import DagsterInstance
+
+    from crucible_jobs import defs
+
+    return defs.resolve_job_def("sweep").execute_in_process(
+        run_config={"ops": {"run_sweep": {"config": {"spec": spec_path}}}}, instance=DagsterInstance.get(), raise_on_error=False)
+
+
+def test_launchpad_sweep_job_refuses_a_bad_spec_naming_the_field(homes, tmp_path):
+    result = launch_from_launchpad(write_spec(tmp_path, axes={"learning_rat": [1e-3]}))
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    assert "axes.learning_rat: not a field of sl_basic's train config" in failure.event_specific_data.error.cause.message
+    assert not homes[0].exists()
+
+
+@pytest.mark.slow
+def test_launchpad_sweep_job_runs_every_point_and_the_report(homes, tmp_path):
+    base = tiny(TINY_RUN_CONFIG, "sl_basic")
+    base["ops"]["sl_basic__checkpoint"]["config"] = {"max_steps": 6, "eval_every": 3, "save_every": 3}
+    assert launch_from_launchpad(write_spec(tmp_path, base=base, seeds=[0])).success
+    assert len(_report(homes[0])["points"]) == 2
