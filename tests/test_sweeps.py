@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny(run_config: dict, *recipes: str) -> dict:
     """`run_config` with only the ops a job over `recipes` has (a run config for another recipe's op is an error)."""
     prefixes = tuple(f"{r}__" for r in ("base", *recipes))
-    return {"resources": run_config["resources"], "ops": {k: v for k, v in run_config["ops"].items() if k.startswith(prefixes)}}
+    return copy.deepcopy({"resources": run_config["resources"],  # a copy: tests change it, the shared config stays
+                          "ops": {k: v for k, v in run_config["ops"].items() if k.startswith(prefixes)}})
 
 
 def write_spec(tmp_path: Path, **fields) -> str:
@@ -122,7 +123,7 @@ def sweep_manifests(home: Path, stage: str) -> set[str]:
 def test_sweep_trains_each_point_once_and_reports_the_best(homes, tmp_path, capsys):
     from dagster import AssetKey, DagsterInstance
 
-    base = copy.deepcopy(tiny(TINY_RUN_CONFIG, "sl_basic"))
+    base = tiny(TINY_RUN_CONFIG, "sl_basic")
     base["ops"]["sl_basic__checkpoint"]["config"] |= {"max_steps": 20, "eval_every": 10, "save_every": 10}
     path = write_spec(tmp_path, base=base, axes={"learning_rate": [3e-4, 3e-3]})
     assert cli.main(["sweep", "run", path]) == 0
