@@ -6,7 +6,6 @@ with `--launch`, submit them as a backfill to the instance's run queue (the daem
 cluster's executor from deploy/, runs them) and report later. `crucible sweep report` prints
 the stored report; `crucible sweep register` registers a point through the recipe's gate."""
 
-import copy
 import importlib
 import json
 import os
@@ -96,13 +95,14 @@ def sweep_job(spec: sweeps.SweepSpec, module: str):
     return importlib.import_module(module).defs.resolve_job_def(f"{spec.recipe}_sweep")
 
 
+def laid_over(config: dict, extra: dict) -> dict:
+    """`extra`'s top-level sections (`execution:` for a cluster's executor, `resources:`) laid
+    over `config`'s, section by section."""
+    return config | {section: {**config.get(section, {}), **value} for section, value in extra.items()}
+
+
 def point_config(spec: sweeps.SweepSpec, point: str, extra: dict) -> dict:
-    """The point's run config with `extra`'s top-level sections (`execution:` for a cluster's
-    executor, `resources:`) laid over it, section by section."""
-    config = sweeps.run_config(spec, point)
-    for section, value in extra.items():
-        config[section] = {**config.get(section, {}), **value}
-    return config
+    return laid_over(sweeps.run_config(spec, point), extra)
 
 
 def dagster_cli() -> str:
@@ -145,8 +145,7 @@ def run(path: str, launch: bool, module: str = "crucible_jobs", parallel: int = 
     spec = read_spec(path)
     extra: dict = {}
     for config in extra_configs:
-        for section, value in (yaml.safe_load(Path(config).read_text()) or {}).items():
-            extra[section] = {**extra.get(section, {}), **value}
+        extra = laid_over(extra, yaml.safe_load(Path(config).read_text()) or {})
     points = check(spec, path, module, extra)
     dagster = instance()
     if launch:
@@ -224,9 +223,7 @@ def register(name: str, point: str | None) -> int:
         point = sweeps.point_name(spec, {**best["values"], sweeps.SEED: spec.seeds[0]})
     if point not in points:
         raise KeyError(f"sweep {name} has no point {point!r}; its points: {', '.join(points)}")
-    config = copy.deepcopy(spec.base)
-    checkpoint = config.setdefault("ops", {}).setdefault(sweeps.op(spec.recipe, "checkpoint"), {})
-    checkpoint["config"] = sweeps.train_config(spec, points[point])
+    config = sweeps.recipe_config(spec, point)
     print(f"registering {point} through the {spec.recipe} job's gate")
     from crucible_jobs import defs
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from crucible_assets import plots
 from crucible_assets.evaluation import compared_metrics, sig4_text
-from crucible_assets.sweeps.spec import SEED, SweepSpec, configurations, point_name
+from crucible_assets.sweeps.spec import SEED, SweepSpec, configurations, point_name, points
 
 ALPHA = 0.05
 
@@ -66,8 +66,7 @@ def summarize(spec: SweepSpec, reports: dict[str, dict], metric: str, higher_is_
     groups.sort(key=lambda g: -sign * g["mean"])
     summary = {"sweep": spec.name, "recipe": spec.recipe, "metric": metric, "higher_is_better": higher_is_better,
                "axes": [a for a in spec.axes], "seeds": spec.seeds, "points": rows, "configurations": groups,
-               "missing": sorted(set(point_name(spec, {**c, SEED: s}) for c in configurations(spec) for s in spec.seeds)
-                                 - set(reports))}
+               "missing": sorted(set(points(spec)) - set(reports))}
     if groups:
         summary["best"] = best_against_rest(groups, sign)
     return summary

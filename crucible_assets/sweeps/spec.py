@@ -137,19 +137,27 @@ def train_config(spec: SweepSpec, values: dict[str, Any]) -> dict[str, Any]:
     return {**base, **values}
 
 
-def run_config(spec: SweepSpec, point: str) -> dict[str, Any]:
-    """The sweep job's run config for one point: the base run config with the recipe's
-    checkpoint and eval settings moved onto `sweep_checkpoint` (plus the point's values) and
-    `sweep_eval`; settings for the recipe's registration stages do not apply to a point."""
+def recipe_config(spec: SweepSpec, point: str) -> dict[str, Any]:
+    """The recipe's own run config at one point: the base with the point's train config (what
+    `crucible sweep register` runs the recipe's job with)."""
     config = copy.deepcopy(spec.base)
     ops = config.setdefault("ops", {})
-    checkpoint = ops.pop(op(spec.recipe, "checkpoint"), {})
-    evaluation = ops.pop(op(spec.recipe, "eval_report"), None)
+    ops[op(spec.recipe, "checkpoint")] = {**ops.get(op(spec.recipe, "checkpoint"), {}),
+                                          "config": train_config(spec, points(spec)[point])}
+    return config
+
+
+def run_config(spec: SweepSpec, point: str) -> dict[str, Any]:
+    """The sweep job's run config for one point: the recipe's, with its checkpoint and eval
+    settings moved onto `sweep_checkpoint` and `sweep_eval`; settings for the recipe's
+    registration stages do not apply to a point."""
+    config = recipe_config(spec, point)
+    ops = config["ops"]
+    for stage, swept in (("checkpoint", "sweep_checkpoint"), ("eval_report", "sweep_eval")):
+        if (settings := ops.pop(op(spec.recipe, stage), None)) is not None:
+            ops[op(spec.recipe, swept)] = settings
     for stage in ("champion_eval", "registered_model"):
         ops.pop(op(spec.recipe, stage), None)
-    ops[op(spec.recipe, "sweep_checkpoint")] = {**checkpoint, "config": train_config(spec, points(spec)[point])}
-    if evaluation is not None:
-        ops[op(spec.recipe, "sweep_eval")] = evaluation
     return config
 
 
