@@ -44,9 +44,7 @@ def decode(model, prompts: list[list[int]], num_samples: int, max_tokens: int, t
     N = len(prompts) * num_samples
     if max_tokens <= 0:
         return Decoded(torch.zeros(N, 0, dtype=torch.long), torch.zeros(N, 0), [-1] * N)
-    # transformers 5 names the cache argument `cache`; remote-code models may still say past_key_values
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    cache_arg = cache_argument(model)
     P = max(len(p) for p in prompts)
     ids_B_P = torch.full((len(prompts), P), pad_id, dtype=torch.long)
     mask_B_P = torch.zeros(len(prompts), P, dtype=torch.long)
@@ -91,6 +89,13 @@ def decode(model, prompts: list[list[int]], num_samples: int, max_tokens: int, t
         next_pos_N = next_pos_N + 1
         logits_N_V = out.logits[:, -1].float()
     return Decoded(torch.stack(tokens, dim=1).cpu(), torch.stack(logprobs, dim=1).cpu(), stopped_at)
+
+
+def cache_argument(model) -> str:
+    """transformers 5 names the forward's KV-cache argument `cache`; remote-code models may
+    still say past_key_values."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def ends_with_stop(tokenizer, tokens: list[int], stops: list[str]) -> bool:
