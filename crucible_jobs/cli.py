@@ -189,6 +189,14 @@ def cmd_sweep_register(args, store, registry) -> int:
     return sweeps.register(args.name, args.point)
 
 
+def cmd_serve(args, store, registry) -> int:
+    from crucible_jobs.serving import server  # torch and the web stack load only to serve
+
+    server.serve(args.model, args.host, args.port, precision=args.precision, threads=args.threads, max_rows=args.max_batch,
+                 max_tokens=args.max_tokens, poll_seconds=args.poll_seconds, registry=registry, store=store)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="crucible", description="Lineage, audits and the model registry of a Crucible store ($CRUCIBLE_HOME).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -244,6 +252,18 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("name")
     m.add_argument("--point", help="a point's full name (see the report)")
     m.set_defaults(fn=cmd_sweep_register)
+    p = sub.add_parser("serve", help="an OpenAI-compatible server for a registered model, following its alias "
+                                     "(docs/serving.md)")
+    p.add_argument("model", help="sl_basic (its champion), sl_basic@staging, or a pinned version sl_basic:3")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 on a GPU that has it; on a CPU the faster one, measured once per machine")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: one per core)")
+    p.add_argument("--max-batch", type=int, default=64, help="most rows (choices) decoded together")
+    p.add_argument("--max-tokens", type=int, default=256, help="completion length when a request names none")
+    p.add_argument("--poll-seconds", type=float, default=1.0, help="how often the registry is checked for a moved alias")
+    p.set_defaults(fn=cmd_serve)
     args = parser.parse_args(argv)
     try:
         return args.fn(args, ArtifactStore(), ModelRegistry())

@@ -58,11 +58,12 @@ class Request:
     render: Callable[[object], list[int]]
     sink: Callable[[tuple], None]
     n: int = 1
-    max_tokens: int = 16
+    max_tokens: int | None = None  # None: up to the engine's default_max_tokens, within the context
     temperature: float = 1.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    cancelled: bool = False  # the client went away: its rows leave at the next step
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Row:
     request: Request
     choice: int
     generator: torch.Generator
+    max_tokens: int
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the decoded text already sent
 
@@ -79,11 +81,13 @@ class ContextTooLong(ValueError):
 
 
 class BatchingEngine:
-    def __init__(self, loaded: LoadedModel, max_rows: int = 64, on_step: Callable[[int], None] | None = None):
-        self.loaded, self.max_rows = loaded, max_rows
+    def __init__(self, loaded: LoadedModel, max_rows: int = 64, default_max_tokens: int = 256,
+                 on_step: Callable[[int], None] | None = None):
+        self.loaded, self.max_rows, self.default_max_tokens = loaded, max_rows, default_max_tokens
         self.on_step = on_step or (lambda rows: None)  # called with the batch size of every decode step
         self._waiting: queue.Queue[Request] = queue.Queue()
         self._next: LoadedModel | None = None
+        self._held: Request | None = None  # taken from the queue while draining for a swap
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="crucible-serve-engine", daemon=True)
         self.rows: list[Row] = []
@@ -116,34 +120,48 @@ class BatchingEngine:
             admitted = self._admit()
             if not self.rows and not admitted:
                 continue
-            with torch.no_grad(), self._autocast():
-                if admitted:
-                    self._prefill(admitted)
-                self._sample_and_emit()
-                if self.rows:
-                    self._forward()
-
-    def _admit(self) -> list[tuple[Request, list[int]]]:
-        """Waiting requests that fit (all of them when nothing runs), rendered and checked."""
-        admitted, rows = [], len(self.rows)
-        if self._next is not None:  # draining for a swap: new requests wait for the new model
-            time.sleep(0.001)
-            return admitted
-        while rows < self.max_rows:
             try:
-                request = self._waiting.get(timeout=0.05) if not self.rows and not admitted else self._waiting.get_nowait()
+                with torch.no_grad(), self._autocast():
+                    if admitted:
+                        self._prefill(admitted)
+                    self._sample_and_emit()
+                    if self.rows:
+                        self._forward()
+            except Exception as e:  # noqa: BLE001 - fail these requests, keep serving the next ones
+                for request in {id(r): r for r in [row.request for row in self.rows] + [r for r, _, _ in admitted]}.values():
+                    request.sink(("error", 500, f"generation failed: {type(e).__name__}: {e}"))
+                self.rows = []
+                self._cache = self._mask_N_L = self._pos_N = self._logits_N_V = None
+
+    def _admit(self) -> list[tuple[Request, list[int], int]]:
+        """Waiting requests that fit (all of them when nothing runs), rendered and checked.
+        Once a swap is pending, the next request waits until the rows in flight are done,
+        then is the first the new model answers."""
+        admitted, rows = [], len(self.rows)
+        while rows < self.max_rows:
+            request, self._held = self._held, None
+            try:
+                request = request or (self._waiting.get(timeout=0.05) if not self.rows and not admitted
+                                      else self._waiting.get_nowait())
             except queue.Empty:
                 break
+            if self._next is not None:
+                if self.rows or admitted:
+                    self._held = request
+                    break
+                self.loaded, self._next = self._next, None
             try:
                 prompt = request.render(self.loaded.tokenizer)
-                if len(prompt) + request.max_tokens > self.loaded.context_length:
-                    raise ContextTooLong(f"the prompt ({len(prompt)} tokens) plus max_tokens ({request.max_tokens}) exceeds "
-                                         f"the model's context length of {self.loaded.context_length} tokens")
+                room = self.loaded.context_length - len(prompt)
+                max_tokens = request.max_tokens or min(self.default_max_tokens, room)
+                if max_tokens > room or room < 1:
+                    raise ContextTooLong(f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                                         f"model's context length of {self.loaded.context_length} tokens")
             except ValueError as e:
                 request.sink(("error", 400, str(e)))
                 continue
             request.sink(("admitted", self.loaded.version, len(prompt)))
-            admitted.append((request, prompt))
+            admitted.append((request, prompt, max_tokens))
             rows += request.n
         return admitted
 
@@ -152,14 +170,14 @@ class BatchingEngine:
             return nullcontext()
         return torch.autocast(device_type=self.loaded.device.split(":")[0], dtype=torch.bfloat16)
 
-    def _prefill(self, admitted: list[tuple[Request, list[int]]]) -> None:
+    def _prefill(self, admitted: list[tuple[Request, list[int], int]]) -> None:
         """One left-padded forward over the new prompts; each prompt's cache row is repeated
         for its n choices and joined to the running batch."""
         device, pad = self.loaded.device, self.loaded.stop_ids[0]
-        P = max(len(p) for _, p in admitted)
+        P = max(len(p) for _, p, _ in admitted)
         ids_B_P = torch.full((len(admitted), P), pad, dtype=torch.long)
         mask_B_P = torch.zeros(len(admitted), P, dtype=torch.long)
-        for i, (_, p) in enumerate(admitted):
+        for i, (_, p, _) in enumerate(admitted):
             ids_B_P[i, P - len(p):] = torch.tensor(p)
             mask_B_P[i, P - len(p):] = 1
         ids_B_P, mask_B_P = ids_B_P.to(device), mask_B_P.to(device)
@@ -167,9 +185,9 @@ class BatchingEngine:
         cache = DynamicCache()
         out = self.loaded.model(input_ids=ids_B_P, attention_mask=mask_B_P, position_ids=pos_B_P, use_cache=True,
                                 logits_to_keep=1, **{self.loaded.cache_arg: cache})  # filled in place
-        repeat = torch.tensor([i for i, (r, _) in enumerate(admitted) for _ in range(r.n)], device=device)
+        repeat = torch.tensor([i for i, (r, _, _) in enumerate(admitted) for _ in range(r.n)], device=device)
         layers = [(k[repeat], v[repeat]) for k, v in _kv(cache)]
-        new_rows = [Row(r, c, _generator(r.seed, c)) for r, _ in admitted for c in range(r.n)]
+        new_rows = [Row(r, c, _generator(r.seed, c), m) for r, _, m in admitted for c in range(r.n)]
         mask_N_P, pos_N, logits_N_V = mask_B_P[repeat], pos_B_P[repeat, -1] + 1, out.logits[repeat, -1].float()
         if self.rows:
             layers, mask_N_P = _join(_kv(self._cache), self._mask_N_L, layers, mask_N_P)
@@ -186,6 +204,8 @@ class BatchingEngine:
         tok, stop_ids = self.loaded.tokenizer, self.loaded.stop_ids
         for n, (row, token) in enumerate(zip(self.rows, ids_N.tolist())):
             r = row.request
+            if r.cancelled:
+                continue
             finish = "stop" if token in stop_ids else None
             if finish is None:
                 row.tokens.append(token)
@@ -193,7 +213,7 @@ class BatchingEngine:
             cut = min((i for i in (text.find(s) for s in r.stop) if i >= 0), default=-1)
             if cut >= 0:
                 text, finish = text[:cut], "stop"
-            elif finish is None and len(row.tokens) >= r.max_tokens:
+            elif finish is None and len(row.tokens) >= row.max_tokens:
                 finish = "length"
             end = len(text) if finish else _safe_end(text, r.stop)
             if end > row.sent:

@@ -57,7 +57,7 @@ class AliasFollower:
 
     def __init__(self, engine: BatchingEngine, load, registry: ModelRegistry, spec: str, interval: float = 1.0):
         self.engine, self.load, self.registry, self.spec, self.interval = engine, load, registry, spec, interval
-        self.swaps = 0
+        self.on_swap = lambda: None
         self._failed: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="crucible-serve-follower", daemon=True)
@@ -89,5 +89,5 @@ class AliasFollower:
                 continue
             log.info("%s moved: %s -> %s", model_spec(self.spec), current, loaded.version)
             self.engine.swap(loaded)
-            self.swaps += 1
+            self.on_swap()
             current = loaded.version
