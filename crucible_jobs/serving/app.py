@@ -102,15 +102,17 @@ def create_app(served: Served) -> FastAPI:
 
     @app.middleware("http")
     async def _count(request: HttpRequest, call_next):
+        routes = {r.path for r in app.routes}
+        endpoint = request.url.path if request.url.path in routes else "other"  # a scanner's paths are not label values
         if served.api_key and request.url.path.startswith("/v1/"):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {served.api_key}".encode()):
                 response = JSONResponse(OpenAIError(401, "missing or wrong API key (Authorization: Bearer ...)",
                                                     code="invalid_api_key").body(), status_code=401)
-                metrics.requests.labels(request.url.path, "401").inc()
+                metrics.requests.labels(endpoint, "401").inc()
                 return response
         response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
 
     async def body_of(request: HttpRequest, model):
@@ -131,7 +133,7 @@ def create_app(served: Served) -> FastAPI:
 
     def sampling(req: Sampling, max_tokens: int | None) -> dict:
         return {"n": req.n, "max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
-                "stop": req.stop, "seed": req.seed}
+                "stop": req.stop or [], "seed": req.seed}
 
     async def complete(endpoint: str, req: Sampling, call: Call, prompt, chunk, whole):
         """Runs one call; `chunk(choice, text, finish)` shapes a stream event, `whole(texts,
@@ -181,6 +183,8 @@ def create_app(served: Served) -> FastAPI:
                 if req.stream_options and req.stream_options.include_usage:
                     yield _sse({**head, "object": chunk(0, "", None)["object"], "choices": [], "usage": usage})
                 yield "data: [DONE]\n\n"
+            except OpenAIError as e:  # the status line is sent: the error goes in the stream, as OpenAI's does
+                yield _sse(e.body())
             finally:
                 call.request.cancelled = True
 
