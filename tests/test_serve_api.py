@@ -6,7 +6,6 @@ by hand (no training: these tests are about the server), served by uvicorn in th
 
 import asyncio
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,31 +16,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 
+from bench.serving import perturbed, publish
 from crucible_jobs.serving.server import build
 from resources.store.artifact_store import ArtifactStore
 from resources.store.registry import ModelRegistry
-
-
-def publish(store: ArtifactStore, registry: ModelRegistry, model_dir: Path, fingerprint: str) -> dict:
-    ref = store.write("sl_basic/registered_model", fingerprint, lambda out: shutil.copytree(model_dir, out, dirs_exist_ok=True), {})
-    return registry.register("sl_basic", {"fingerprint": ref.fingerprint, "content_hash": ref.content_hash, "path": ref.path},
-                             gate={})
-
-
-def perturbed(tiny: Path, out: Path) -> Path:
-    """The tiny model with other weights: a second version that answers differently."""
-    from resources.hf_io import load_model, load_tokenizer
-
-    model = load_model(tiny)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    model.save_pretrained(out, safe_serialization=True)
-    load_tokenizer(tiny).save_pretrained(out)
-    return out
 
 
 def free_port() -> int:
@@ -59,9 +38,9 @@ def server(tiny, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CRUCIBLE_HOME", str(home))
         store, registry = ArtifactStore(), ModelRegistry()
-        publish(store, registry, tiny, "a" * 64)
+        publish(store, registry, "sl_basic", tiny, "a" * 64)
         registry.promote("sl_basic:1", "champion", "the first version")
-        publish(store, registry, perturbed(tiny, home / "other"), "b" * 64)
+        publish(store, registry, "sl_basic", perturbed(tiny, home / "other"), "b" * 64)
         app = build("sl_basic", precision="fp32", threads=1, max_tokens=24, poll_seconds=0.2, registry=registry, store=store)
         port = free_port()
         uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
