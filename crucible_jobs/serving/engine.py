@@ -187,7 +187,7 @@ class BatchingEngine:
                                 logits_to_keep=1, **{self.loaded.cache_arg: cache})  # filled in place
         repeat = torch.tensor([i for i, (r, _, _) in enumerate(admitted) for _ in range(r.n)], device=device)
         layers = [(k[repeat], v[repeat]) for k, v in _kv(cache)]
-        new_rows = [Row(r, c, _generator(r.seed, c), m) for r, _, m in admitted for c in range(r.n)]
+        new_rows = [Row(r, c, _generator(r.seed, c, device), m) for r, _, m in admitted for c in range(r.n)]
         mask_N_P, pos_N, logits_N_V = mask_B_P[repeat], pos_B_P[repeat, -1] + 1, out.logits[repeat, -1].float()
         if self.rows:
             layers, mask_N_P = _join(_kv(self._cache), self._mask_N_L, layers, mask_N_P)
@@ -199,7 +199,7 @@ class BatchingEngine:
     def _sample_and_emit(self) -> None:
         self.on_step(len(self.rows))
         ids_N = _sample(self._logits_N_V, self.rows)
-        self._ids_N = ids_N.to(self.loaded.device)
+        self._ids_N = ids_N
         keep = []
         tok, stop_ids = self.loaded.tokenizer, self.loaded.stop_ids
         for n, (row, token) in enumerate(zip(self.rows, ids_N.tolist())):
@@ -266,8 +266,8 @@ def _join(a, mask_a, b, mask_b):
     return [(torch.cat([ka, kb]), torch.cat([va, vb])) for (ka, va), (kb, vb) in zip(a, b)], torch.cat([mask_a, mask_b])
 
 
-def _generator(seed: int | None, choice: int) -> torch.Generator:
-    g = torch.Generator()
+def _generator(seed: int | None, choice: int, device: str) -> torch.Generator:
+    g = torch.Generator(device=device)
     if seed is None:
         g.seed()
     else:
@@ -276,18 +276,21 @@ def _generator(seed: int | None, choice: int) -> torch.Generator:
 
 
 def _sample(logits_N_V: torch.Tensor, rows: list[Row]) -> torch.Tensor:
-    """Each row's next id: argmax at temperature 0, else a draw from softmax(logits / T)
-    restricted to the top_p nucleus, with the row's own generator."""
-    logits_N_V = logits_N_V.cpu()
-    temps_N = torch.tensor([r.request.temperature for r in rows])
-    top_p_N = torch.tensor([r.request.top_p for r in rows])
+    """Each row's next id, on the model's device: argmax at temperature 0, else a draw from
+    softmax(logits / T) restricted to the top_p nucleus, with the row's own generator."""
+    device = logits_N_V.device
+    temps_N = torch.tensor([r.request.temperature for r in rows], device=device)
+    top_p_N = torch.tensor([r.request.top_p for r in rows], device=device)
     probs_N_V = torch.softmax(logits_N_V / temps_N.clamp(min=1e-6).unsqueeze(-1), dim=-1)
-    sorted_N_V, order_N_V = probs_N_V.sort(dim=-1, descending=True)
-    outside_N_V = sorted_N_V.cumsum(-1) - sorted_N_V > top_p_N.unsqueeze(-1)  # the top token always stays
-    probs_N_V = probs_N_V.scatter(-1, order_N_V, sorted_N_V.masked_fill(outside_N_V, 0.0))
-    ids = [int(logits_N_V[n].argmax()) if r.request.temperature <= 0 else
-           int(torch.multinomial(probs_N_V[n], 1, generator=r.generator)) for n, r in enumerate(rows)]
-    return torch.tensor(ids)
+    if bool((top_p_N < 1).any()):
+        sorted_N_V, order_N_V = probs_N_V.sort(dim=-1, descending=True)
+        outside_N_V = sorted_N_V.cumsum(-1) - sorted_N_V > top_p_N.unsqueeze(-1)  # the top token always stays
+        probs_N_V = probs_N_V.scatter(-1, order_N_V, sorted_N_V.masked_fill(outside_N_V, 0.0))
+    ids_N = logits_N_V.argmax(dim=-1)
+    for n, r in enumerate(rows):
+        if r.request.temperature > 0:
+            ids_N[n] = torch.multinomial(probs_N_V[n], 1, generator=r.generator)[0]
+    return ids_N
 
 
 def _safe_end(text: str, stops: list[str]) -> int:
