@@ -72,8 +72,9 @@ def test_a_chat_completion_names_the_exact_version_that_answered(client, server)
     assert r.choices[0].message.content and r.choices[0].finish_reason in ("stop", "length")
     assert r.model_extra["model_version"] == r.system_fingerprint == "sl_basic:1"
     assert r.usage.prompt_tokens > 0 and 0 < r.usage.completion_tokens <= 12
-    again = client.chat.completions.create(model="sl_basic@champion", messages=ASK, max_tokens=12, temperature=0)
-    assert again.choices[0].message.content == r.choices[0].message.content  # greedy is greedy
+    again = client.chat.completions.create(model="sl_basic@champion", max_tokens=12, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "What is 12"}, {"type": "text", "text": " + 7?"}]}])
+    assert again.choices[0].message.content == r.choices[0].message.content  # greedy is greedy; parts are joined
 
 
 def test_streaming_sends_the_same_text_in_pieces(client):
@@ -116,6 +117,8 @@ def test_completions_continue_a_raw_prompt(client):
      "context length of 256"),
     (json.dumps({"model": "sl_basic", "messages": ASK, "temperature": 7}).encode(), 400, None, "temperature"),
     (json.dumps({"model": "sl_basic", "messages": [{"role": "robot", "content": "hi"}]}).encode(), 400, None, "messages.0.role"),
+    (json.dumps({"model": "sl_basic", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).encode(), 400, None,
+     "only text content parts"),
     (json.dumps({"model": "sl_basic", "messages": ASK, "stop": "x" * 10 + "\n" * (2 << 20)}).encode(), 413, None, "larger than"),
 ])
 def test_a_bad_request_gets_the_openai_error_object_and_the_server_keeps_serving(server, client, body, status, code, says):
