@@ -134,7 +134,7 @@ def compared_metrics(report: dict) -> list[str]:
 
 
 COMPARISON_COLUMNS = ("metric", "start", "trained", "trained_ci", "gain", "gain_ci", "verdict")
-LOWER_IS_BETTER = ("nll", "bits_per_byte", "teacher_kl", "dpo_loss")  # a metric's last name part; every other: higher
+LOWER_IS_BETTER = ("nll", "bits_per_byte", "teacher_kl", "dpo_loss", "drop")  # a metric's last name part; every other: higher
 
 
 def verdict(metric: str, gain_ci: tuple[float, float] | None) -> str:
@@ -167,7 +167,7 @@ def comparison_rows(report: dict) -> list[dict]:
 OOD_PREFIX = "test_ood/"  # metrics on the test_ood split: items outside the training distribution
 
 
-def _table(rows: list[dict]) -> list[str]:
+def table_lines(rows: list[dict]) -> list[str]:
     lines = ["| metric | start | trained | 95% CI (trained) | gain | 95% CI (gain) | verdict |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         cells = [sig4_text(v) if isinstance(v, float) else v for v in (row[c] for c in COMPARISON_COLUMNS)]
@@ -180,10 +180,10 @@ def markdown(report: dict) -> str:
     test_ood metrics in a table of their own (reported apart: no gate reads them), then
     sample completions."""
     rows = comparison_rows(report)
-    lines = _table([r for r in rows if not r["metric"].startswith(OOD_PREFIX)])
+    lines = table_lines([r for r in rows if not r["metric"].startswith(OOD_PREFIX)])
     if ood := [r for r in rows if r["metric"].startswith(OOD_PREFIX)]:
         lines += ["", "Out of distribution (test_ood: items outside the training distribution, reported apart; "
-                      "no gate reads them):", "", *_table(ood)]
+                      "no gate reads them):", "", *table_lines(ood)]
     lines += ["", "gain: trained - start, paired over the same held-out examples; verdict: better or worse where the "
                   f"gain's CI excludes zero; {NA}: not reported for that metric.", ""]
     for s in report.get("samples", []):

@@ -61,3 +61,28 @@ def comparison(labels: list[str], values: list[float], errors: list[tuple[float,
     ax.bar(labels, values, yerr=yerr, capsize=6, color=["#999999", "#3b7dd8"])
     ax.set_ylabel(ylabel)
     save_figure(fig, path)
+
+
+def token_heatmap(rows: list[list[str]], scores: list[list[float]], captions: list[str], path: Path, per_line: int = 14) -> None:
+    """Each row's tokens as boxes coloured by their score (red raises, blue lowers; each row
+    scaled to its own largest magnitude), wrapped every `per_line` tokens, with a caption."""
+    plt = pyplot()
+    lines = [max(1, -(-len(tokens) // per_line)) for tokens in rows]
+    fig, ax = plt.subplots(figsize=(11, 0.45 * (sum(lines) + 1.2 * len(rows)) + 0.4))
+    cmap, y = plt.get_cmap("bwr"), 0.0
+    for tokens, values, caption, n_lines in zip(rows, scores, captions, lines):
+        scale = max(1e-12, max(abs(v) for v in values))
+        ax.text(0, y, caption, fontsize=8, va="top", style="italic")
+        y -= 0.7
+        for i, (token, v) in enumerate(zip(tokens, values)):
+            x = (i % per_line) / per_line
+            if i and i % per_line == 0:
+                y -= 0.6
+            shown = token.replace("\n", "\\n") or " "
+            ax.text(x, y, shown, fontsize=8, va="top", family="monospace",
+                    bbox={"facecolor": cmap(0.5 + 0.5 * v / scale), "edgecolor": "none", "pad": 1.5})
+        y -= 0.9
+    ax.set_xlim(0, 1.05)
+    ax.set_ylim(y, 0.3)
+    ax.axis("off")
+    save_figure(fig, path)

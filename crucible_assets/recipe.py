@@ -20,6 +20,7 @@ from crucible_assets.gate import Gate, Guard  # noqa: F401 (recipes state their 
 from crucible_assets.evaluation import EvalConfig
 from crucible_assets.registration import registered_model_asset
 from crucible_assets.starting_model import starting_model_asset
+from crucible_assets.suites.assets import DEFAULT_SUITES, SUITES, eval_suite_asset
 from crucible_assets.sweeps.assets import SWEEP_STAGES, sweep_assets, sweep_job
 from crucible_assets.train.algorithm import Algorithm
 from crucible_assets.train.checkpoint import checkpoint_asset
@@ -41,6 +42,7 @@ class Recipe:
     base: str = "tiny_llama"
     models: dict[str, str] = field(default_factory=dict)  # the algorithm's other model stages -> the recipe each starts from
     lineage_stage: str = "base_model"  # the model stage the lineage edge points at (a teacher, say)
+    suites: tuple[str, ...] = DEFAULT_SUITES  # eval suites (crucible_assets/suites/), each its asset <recipe>/eval_<suite>
 
     def problems(self) -> list[str]:
         """Mistakes in the spec itself, caught when the code location loads."""
@@ -51,6 +53,8 @@ class Recipe:
             found.append(f"eval config {self.evaluate.__name__} must subclass {self.algorithm.eval_config.__name__}")
         if missing := set(self.algorithm.model_stages) - set(self.models):
             found.append(f"models must say where {sorted(missing)} start from (e.g. models={{'teacher': 'math_rl'}})")
+        if unknown := set(self.suites) - set(SUITES):
+            found.append(f"suites {sorted(unknown)} are not among {sorted(SUITES)}")
         if self.lineage_stage not in ("base_model", *self.models):
             found.append(f"lineage_stage {self.lineage_stage!r} is not one of the recipe's model stages")
         bases = [(self.train, self.algorithm.train_config), (self.evaluate, self.algorithm.eval_config),
@@ -82,8 +86,9 @@ def recipe_assets(recipe: Recipe) -> list:
         checkpoint_asset(name, algorithm, recipe.train),
         eval_report_asset(name, algorithm, recipe.evaluate or algorithm.eval_config),
         champion_eval_asset(name, algorithm, recipe.evaluate or algorithm.eval_config, recipe.gate.metric),
+        *(eval_suite_asset(name, algorithm, SUITES[s]) for s in recipe.suites),
         registered_model_asset(name, recipe.lineage_edge, recipe.gate.metric, recipe.gate.higher_is_better,
-                               recipe.lineage_stage),
+                               recipe.lineage_stage, recipe.suites),
         *sweep_assets(name, algorithm, recipe.train, recipe.evaluate or algorithm.eval_config, recipe.gate.metric,
                       recipe.gate.higher_is_better),
     ]

@@ -22,7 +22,8 @@ class RegisterConfig(Config):
                                                              "the champion's by more than this (in the metric's units)")
 
 
-def model_card(recipe: str, lineage_edge: str, started_from: dict, report: dict, ancestry: list[dict], trained: dict) -> str:
+def model_card(recipe: str, lineage_edge: str, started_from: dict, report: dict, ancestry: list[dict], trained: dict,
+               suites: list[str] = ()) -> str:
     """README.md of an export: what it came from (every ancestor's data version, the
     datasets' content hashes), how it was trained (`trained`: the checkpoint's manifest), what
     it scored. Only recorded inputs go in (no times, no run ids), so a reproduced chain writes
@@ -39,7 +40,9 @@ def model_card(recipe: str, lineage_edge: str, started_from: dict, report: dict,
               f"{trained['summary'].get('steps')} steps. Training config:", "", "```json",
               json.dumps(trained["config"], indent=1, sort_keys=True), "```", "",
               "Packages: " + ", ".join(f"{k} {v}" for k, v in sorted(trained.get("packages", {}).items())), ""]
-    lines += ["## Metrics (held-out, vs. the starting model, 95% bootstrap CIs)", "", evaluation.markdown(report), "## Intended use", "",
+    lines += ["## Metrics (held-out, vs. the starting model, 95% bootstrap CIs)", "", evaluation.markdown(report)]
+    lines += ["# Eval suites", "", *suites] if suites else []
+    lines += ["## Intended use", "",
               "Research experiments; a tiny model trained on the recipe's data, not for production use.", ""]
     return "\n".join(lines)
 
@@ -63,16 +66,21 @@ def run_summary(recipe: str, report: dict, metric: str, version: int, aliases: l
             f"({', '.join(aliases) or 'no alias'}); report: {eval_report.dir / 'report.md'}")
 
 
-def registered_model_asset(recipe: str, lineage_edge: str, metric: str, higher_is_better: bool, lineage_stage: str):
+def registered_model_asset(recipe: str, lineage_edge: str, metric: str, higher_is_better: bool, lineage_stage: str,
+                           suites: tuple[str, ...] = ()):
     """`metric` (from the eval report) is what the promotion gate compares with the champion's;
-    `lineage_edge` points at the model snapshot `lineage_stage` (the start, or a teacher)."""
-    @asset(key=key(recipe, "registered_model"), group_name=recipe, code_version="3", kinds={"huggingface"},
-           ins={"checkpoint": AssetIn(key=key(recipe, "checkpoint")), "eval_report": AssetIn(key=key(recipe, "eval_report"))},
+    `lineage_edge` points at the model snapshot `lineage_stage` (the start, or a teacher);
+    each eval suite's report is a section of the model card."""
+    suite_ins = {f"eval_{s}": AssetIn(key=key(recipe, f"eval_{s}")) for s in suites}
+
+    @asset(key=key(recipe, "registered_model"), group_name=recipe, code_version="4", kinds={"huggingface"},
+           ins={"checkpoint": AssetIn(key=key(recipe, "checkpoint")), "eval_report": AssetIn(key=key(recipe, "eval_report")),
+                **suite_ins},
            description="A registry version of the checkpoint (latest and staging): HF-format export with a model card. "
                        f"Its blocking check promotes it to champion if its {metric} beats the champion's by the margin.")
     def _registered_model(context: AssetExecutionContext, config: RegisterConfig, store: ArtifactStore, registry: ModelRegistry,
                           backend: TrainingBackendResource, tracking: TrackingResource, checkpoint: ArtifactRef,
-                          eval_report: ArtifactRef) -> Output[ArtifactRef]:
+                          eval_report: ArtifactRef, **suite_reports: ArtifactRef) -> Output[ArtifactRef]:
         report = json.loads((eval_report.dir / "report.json").read_text())
         ckpt_manifest = store.manifest(checkpoint.fingerprint)
         upstream_versions = {u["key"]: u["content_hash"] for u in ckpt_manifest["upstream"]}
@@ -83,11 +91,12 @@ def registered_model_asset(recipe: str, lineage_edge: str, metric: str, higher_i
 
         def build(out, _work):
             exported = backend.export_model(checkpoint.dir / "model", out)
-            (out / "README.md").write_text(model_card(recipe, lineage_edge, edge_source, report, ancestry, ckpt_manifest))
+            sections = [(suite_reports[s].dir / "report.md").read_text() for s in suite_ins]
+            (out / "README.md").write_text(model_card(recipe, lineage_edge, edge_source, report, ancestry, ckpt_manifest, sections))
             return {metric: report[metric], "model": recipe, **exported}
 
         output = cached_artifact(context, store, config={"model": recipe, "metric": metric},
-                                 upstream={"checkpoint": checkpoint, "eval_report": eval_report}, build=build)
+                                 upstream={"checkpoint": checkpoint, "eval_report": eval_report, **suite_reports}, build=build)
         ref = output.value
         entry = registry.register(recipe, {
             "fingerprint": ref.fingerprint, "content_hash": ref.content_hash, "asset_key": ref.key, "path": ref.path,

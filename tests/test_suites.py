@@ -1,0 +1,121 @@
+"""Eval suites (crucible_assets/suites/): every perturbation keeps the answer (a solver reads
+the perturbed question and the recipe's grader accepts the reference for its result); maj@k
+is the hand-counted vote; integrated gradients satisfy completeness on a tiny model; an
+ensemble of a model with itself answers as that model; and a recipe's job materializes its
+suites, whose tables reach the UI metadata and the registered model's card."""
+
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from crucible_assets.suites import robustness
+from crucible_assets.suites.attribution import integrated_gradients
+from crucible_assets.suites.prompts import Prompt, answers, as_prompt
+from crucible_assets.suites.self_consistency import logprob_mean_greedy, majority_vote
+from resources.backends.local.backend import LocalTorchBackend
+from resources.datasets.graders import grade_conversation
+from resources.datasets.synthetic import arithmetic_chats, arithmetic_conversations, arithmetic_problems
+
+WORDS = {w: i for i, w in enumerate(robustness.ONES)} | {w: 10 * i for i, w in enumerate(robustness.TENS) if w != "_"}
+
+
+def words_to_number(text: str) -> str:
+    """Inverse of number_words for 0..99 ("forty-seven" -> "47"), so a solver can read the question."""
+    def one(m):
+        return str(sum(WORDS[p] for p in m.group().lower().split("-")))
+    return re.sub(r"\b(?:" + "|".join(sorted(WORDS, key=len, reverse=True)) + r")(?:-(?:" + "|".join(robustness.ONES) + r"))?\b",
+                  one, text, flags=re.I)
+
+
+def solve(messages: list[dict]) -> int:
+    """Reads the arithmetic a conversation asks, whatever the wording: the first turn's
+    `a + b` or `a - b`, then every `add d`."""
+    total = None
+    for m in messages:
+        if m["role"] != "user":
+            continue
+        text = words_to_number(re.sub(r"\s+", " ", m["content"]))
+        if total is None:
+            a, op, b = re.search(r"(-?\d+) ([+-]) (-?\d+)", text).groups()
+            total = int(a) + int(b) if op == "+" else int(a) - int(b)
+        else:
+            total += int(re.search(r"add (\d+)", text, flags=re.I).group(1))
+    return total
+
+
+@pytest.mark.parametrize("name", list(robustness.PERTURBATIONS))
+def test_every_perturbation_keeps_the_answer(name):
+    records = arithmetic_conversations(60, 1) + arithmetic_chats(60, 2) + \
+        [{"messages": [{"role": "user", "content": p["question"]}, {"role": "assistant", "content": p["answer"]}]}
+         for p in arithmetic_problems(40, 3)]
+    prompts = [as_prompt(r) for r in records]
+    perturbed = robustness.perturb(prompts, name, seed=0)
+    changed = 0
+    for before, after in zip(prompts, perturbed):
+        assert after.reference == before.reference and after.messages[-1]["role"] == "user"
+        assert grade_conversation(after.reference, str(solve(after.messages)))[0], (name, after.messages)
+        changed += after.messages != before.messages
+    assert changed >= len(prompts) * 0.8  # it does perturb
+    assert robustness.perturb(prompts, name, seed=0) == perturbed  # seeded: the same rewrite every run
+
+
+def test_number_words():
+    assert [robustness.number_words(n) for n in (0, 7, 13, 40, 47, 105, 2019, -3)] == [
+        "zero", "seven", "thirteen", "forty", "forty-seven", "one hundred five", "two thousand nineteen", "minus three"]
+
+
+@pytest.mark.parametrize("completions, winner", [
+    (["= 5", "= 7", "= 5", "= 7", "= 9"], 0),            # 5 and 7 tie at two: the answer seen first wins
+    (["= 7", "x 5", "y 5", "= 7", "5"], 1),              # 5 three times
+    (["= 3", "no number", "no number"], 1),              # text-only answers are counted as their text
+    (["", "", "12"], 2),                                 # an empty answer never wins
+    (["\\boxed{1/2}", "0.5 \\boxed{1/2}", "2"], 0),     # boxed answers count by their box
+])
+def test_majority_vote_is_the_hand_counted_one(completions, winner):
+    assert majority_vote(completions) == winner
+
+
+@pytest.fixture
+def client(tiny):
+    torch.set_num_threads(1)
+    return LocalTorchBackend(device="cpu", precision="fp32").create_training_client(tiny, 0, 0)
+
+
+def test_integrated_gradients_are_complete_on_a_tiny_model(client):
+    tok = client.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 12 + 13?"}], add_generation_prompt=True,
+                                     tokenize=True, return_dict=False)
+    answer = tok("12 + 13 = 25", add_special_tokens=False)["input_ids"]
+    for steps, tolerance in ((16, 0.01), (64, 0.002)):
+        ig, f_x, f_base = integrated_gradients(client.model, prompt, answer, steps, tok.eos_token_id)
+        assert len(ig) == len(prompt) and abs(f_x - f_base) > 0.05  # the prompt matters to this answer
+        assert abs(ig.sum() - (f_x - f_base)) <= tolerance * abs(f_x - f_base), (steps, ig.sum(), f_x - f_base)
+    # the baseline is no arbitrary point: moving it changes the attributions
+    other, _, f_other = integrated_gradients(client.model, prompt, answer, 64, tok.bos_token_id or 5)
+    assert f_other != f_base and not np.allclose(other, ig)
+    with pytest.raises(ValueError, match="almost"):  # the pad token's row is zero: no baseline
+        integrated_gradients(client.model, prompt, answer, 8, tok.pad_token_id)
+
+
+def test_an_ensemble_of_a_model_with_itself_is_that_model(client):
+    tok = client.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"What is {a} + {b}?"}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=False) for a, b in ((1, 2), (12, 7), (5, 19))]
+    pad = tok.pad_token_id
+    alone = logprob_mean_greedy([client.model.eval()], prompts, 10, pad, [tok.eos_token_id])
+    assert logprob_mean_greedy([client.model, client.model], prompts, 10, pad, [tok.eos_token_id]) == alone
+    greedy = [g[0] for g in answers(client, prompts, 1, 10, 0.0, [], 0)]
+    assert [tok.decode(t, skip_special_tokens=True) for t in alone] == greedy  # the log-prob ensemble decodes as the sampler
+    assert [greedy[i] for i in range(3)] == [[g, g][majority_vote([g, g])] for g in greedy]  # and a vote of two copies
+
+
+def test_a_prompt_is_the_conversation_up_to_its_last_answer():
+    chat = arithmetic_chats(1, 0)[0]
+    assert as_prompt(chat) == Prompt(chat["messages"][:-1], chat["messages"][-1]["content"])
+    assert as_prompt({"question": "What is 1 + 1?", "answer": 2}).reference == "2"
+    assert as_prompt({"text": "plain text"}) is None
+    pair = {"chosen": chat["messages"], "rejected": chat["messages"][:-1] + [{"role": "assistant", "content": "wrong"}]}
+    assert as_prompt(pair).reference == chat["messages"][-1]["content"]
