@@ -40,5 +40,10 @@ def serve(spec: str, host: str, port: int, **settings) -> None:
     import uvicorn
 
     app = build(spec, **settings)
-    logging.getLogger("crucible.serve").setLevel(logging.INFO)
+    log = logging.getLogger("crucible.serve")  # the follower's swaps, in uvicorn's format
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
     uvicorn.run(app, host=host, port=port, log_level="info")
