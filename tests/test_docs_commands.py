@@ -1,5 +1,5 @@
 """Every command a user is shown runs as written: each line of every ```bash block in README.md
-and docs/*.md (comments stripped, `a && b` and `(a &)` taken apart) is matched to the check
+and docs/*.md (comments stripped, `\`-continued lines joined, `a && b` and `(a &)` taken apart) is matched to the check
 that proves it, and a line no check claims fails here, so a new command in the docs has to
 earn one. Per command:
 
@@ -12,12 +12,21 @@ earn one. Per command:
   sl_basic was trained and registered; exit status 0 and what the line promises;
   `crucible sweep run SPEC`: the spec passes the sweep's own check (sweeps run end to end in
   tests/test_sweeps.py); `crucible sweep report|register NAME`: NAME is a shipped spec's;
+- `crucible serve MODEL ...`: the CLI itself parses the line (flags in `crucible serve --help`,
+  their types and choices) with the server replaced, and MODEL names a recipe's model as a
+  champion, an alias or a pinned version (serving itself: tests/test_serve_*.py);
+- `curl URL ...`: every flag is curl's, URL is a route `crucible serve`'s app has, for the
+  method the line uses, on a port a documented server listens on; a JSON body is one that
+  route's request model accepts, naming a model a server serves; a key is the server's
+  variable. docs/serving.md's ```python block runs as written against that app (in process,
+  a tiny model under the served name);
 - `dagster dev`, `dagster-daemon`, `mlflow`, `tensorboard`: installed in the venv, and the
   subcommand's `--help` lists every flag the line uses (a served UI: tests/test_quickstart.py;
   the tracking runs these commands find: tests/test_ui.py);
-- `python -m bench[.scaling] ...`: the flags parse (the benchmark is not run);
+- `python -m bench[.scaling|.serving] ...`: the flags parse (the benchmark is not run);
 - `pip install ... -c C -e '.[X]'`: C exists and X is an extra in pyproject.toml;
-- `export`: each variable is read by our code, deploy/dagster.yaml or (MLFLOW_*) mlflow;
+- `export`: each variable is read by our code, deploy/dagster.yaml or (MLFLOW_*) mlflow, and
+  a `$(program ...)` it runs is installed;
 - shell (`mkdir`, `cd`, `cp`, ...): the program exists, repo paths exist, and a drop folder
   is the one the sensor watches (the sensor itself: tests/test_automation.py)."""
 
@@ -37,6 +46,7 @@ import pytest
 import yaml
 
 from conftest import TINY_RUN_CONFIG, env_with, run_job
+from recipes import RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -52,11 +62,17 @@ def doc_commands() -> list[tuple[str, str]]:
         text = doc.read_text()
         for block in re.finditer(r"^[ \t]*```bash\n(.*?)^[ \t]*```", text, re.S | re.M):
             first = text[:block.start(1)].count("\n") + 1
-            for i, line in enumerate(block.group(1).splitlines()):
+            lines, i = block.group(1).splitlines(), 0
+            while i < len(lines):
+                start, line = i, lines[i]
+                while line.endswith("\\") and i + 1 < len(lines):  # a command continued on the next line
+                    i += 1
+                    line = line[:-1] + " " + lines[i].strip()
+                i += 1
                 for command in re.split(r"\s*&&\s*", re.sub(r"(^|\s+)#.*", "", line).strip()):
                     command = command.removeprefix("(").removesuffix(")").removesuffix("&").strip()
                     if command:
-                        commands.append((f"{doc.relative_to(REPO)}:{first + i}", command))
+                        commands.append((f"{doc.relative_to(REPO)}:{first + start}", command))
     return commands
 
 
@@ -138,6 +154,8 @@ def check_export(m, tmp_path) -> None:
     for name in re.findall(r"(\w+)=", m["assignments"]):
         read = hasattr(mlflow.environment_variables, name) if name.startswith("MLFLOW_") else name in source
         assert read, f"{name} is read by none of {SOURCES}" + (" (nor mlflow)" if name.startswith("MLFLOW_") else "")
+    for program in re.findall(r"\$\((\S+)", m["assignments"]):
+        assert shutil.which(program), f"{program} is not installed"
 
 
 def check_shell(m, tmp_path) -> None:
@@ -173,6 +191,109 @@ def check_sweep(m, _tmp) -> None:
         assert m["arg"] in {read_spec(str(p)).name for p in (REPO / "examples").glob("sweep_*.yaml")}
 
 
+def serve_call(argv: list[str], tmp_path: Path) -> dict:
+    """What `crucible serve ARGV` starts, as the CLI itself parses it (types, choices, defaults),
+    with the server replaced: {"spec", "host", "port", "precision", "threads", ...}."""
+    from crucible_jobs import cli
+
+    with mock.patch("crucible_jobs.serving.server.serve") as serve, \
+            mock.patch.dict(os.environ, {"CRUCIBLE_HOME": str(tmp_path / "serve_home")}):
+        try:
+            assert cli.main(["serve", *argv]) == 0
+        except SystemExit as e:
+            pytest.fail(f"`crucible serve {shlex.join(argv)}` does not parse (exit {e.code})")
+    (spec, host, port), settings = serve.call_args
+    form = re.fullmatch(r"(\w+)(?:@(\w+)|:(\d+))?", spec)
+    assert form, f"{spec!r} is not a model (chat_sl), an alias (chat_sl@staging) or a version (chat_sl:3)"
+    name, alias, _version = form.groups()
+    assert name in {r.name for r in RECIPES}, f"{spec}: no recipe registers a model {name!r}"
+    assert alias in (None, "latest", "staging", "champion"), f"{spec}: the registry has no alias {alias!r}"
+    return {"spec": spec, "host": host, "port": port, **settings}
+
+
+def check_serve(m, tmp_path) -> None:
+    argv = shlex.split(m["args"])
+    help = help_text("crucible", "serve")
+    for flag in (a for a in argv if a.startswith("-")):
+        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help), f"`crucible serve` has no {flag}"
+    serve_call(argv, tmp_path)
+
+
+@functools.cache
+def serve_routes() -> dict[str, set[str]]:
+    """path -> methods of `crucible serve`'s app (crucible_jobs/serving/app.py create_app)."""
+    from fastapi.routing import APIRoute
+
+    from crucible_jobs.serving.app import Served, create_app
+
+    app = create_app(Served(name="chat_sl", spec="chat_sl", engine=mock.Mock(), responses=mock.Mock()))
+    return {r.path: r.methods for r in app.routes if isinstance(r, APIRoute)}
+
+
+def serve_ports(tmp_path: Path) -> set[int]:
+    """The ports the docs' servers listen on: --port's default and every --port a line passes."""
+    ports = {int(p) for _, c in COMMANDS if c.startswith("crucible serve ") for p in re.findall(r"--port (\d+)", c)}
+    return ports | {serve_call([RECIPES[0].name], tmp_path)["port"]}
+
+
+CURL_VALUE_FLAGS = {"-H", "--header", "-d", "--data", "--data-raw", "--data-binary", "-X", "--request", "-o", "--output",
+                    "-w", "--write-out"}
+REQUEST_BODIES = {"/v1/chat/completions": "ChatCompletionRequest", "/v1/completions": "CompletionRequest",
+                  "/v1/feedback": "FeedbackRequest"}
+
+
+def check_curl(m, tmp_path) -> None:
+    from urllib.parse import urlsplit
+
+    from crucible_jobs.serving import protocol, server
+
+    assert shutil.which("curl"), "curl is not installed"
+    manual = help_text_of(("curl", "--help", "all"))
+    args, urls, headers, data, method = shlex.split(m.group(0))[1:], [], [], None, None
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("-"):
+            urls.append(arg)
+            continue
+        flags = [arg] if arg.startswith("--") else [f"-{c}" for c in arg[1:]]
+        for flag in flags:
+            assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", manual), f"curl has no {flag}"
+        if flags[-1] in CURL_VALUE_FLAGS:
+            value = args.pop(0)
+            if flags[-1] in ("-H", "--header"):
+                headers.append(value)
+            elif flags[-1] in ("-X", "--request"):
+                method = value
+            elif flags[-1].startswith(("-d", "--data")):
+                data = value
+    (url,) = urls
+    parts = urlsplit(url)
+    assert parts.scheme == "http" and parts.hostname == "127.0.0.1", f"{url}: not a local `crucible serve`"
+    assert parts.port in serve_ports(tmp_path), f"{url}: no server in the docs listens on port {parts.port}"
+    method = method or ("POST" if data is not None else "GET")
+    routes = serve_routes()
+    assert parts.path in routes, f"{url}: `crucible serve` has no {parts.path} (it has {sorted(routes)})"
+    assert method in routes[parts.path], f"{url}: {parts.path} takes {sorted(routes[parts.path])}, not {method}"
+    if data is not None:
+        try:
+            body = protocol.parse(getattr(protocol, REQUEST_BODIES[parts.path]), data.encode())
+        except protocol.OpenAIError as e:
+            pytest.fail(f"{parts.path} refuses this body: {e.status} {e.message}")
+        if hasattr(body, "model"):
+            serve_call([body.model], tmp_path)  # a model a server can serve, named as its clients name it
+    for header in headers:
+        name, _, value = header.partition(": ")
+        if name.lower() == "authorization":
+            assert value == f"Bearer ${server.API_KEY_VARIABLE}", f"the key is ${server.API_KEY_VARIABLE}, sent as a bearer token"
+
+
+@functools.cache
+def help_text_of(argv: tuple[str, ...]) -> str:
+    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"`{' '.join(argv)}` failed: {done.stderr[-2000:]}"
+    return done.stdout
+
+
 CRUCIBLE_SHOWS = {  # what each `crucible` subcommand's output must contain, after the run below
     "models": ["sl_basic", "v1", "champion,latest"],
     "lineage": ["sl_basic/registered_model", "sl_basic/dataset  data_version="],
@@ -186,8 +307,10 @@ CHECKS = [  # (pattern, check): the first pattern that matches a whole command c
     (r"(dagster|dagster-daemon|dagster-celery|mlflow|tensorboard)( .*)?", check_cli),
     (r"crucible sweep (?P<action>run|report|register) (?P<arg>\S+)(?P<flags>( --launch| --json| --parallel \d+| --module \S+| -c \S+)*)",
      check_sweep),
+    (r"crucible serve (?P<args>.*)", check_serve),
     (r"crucible (?P<sub>\w+).*", None),  # run together in test_crucible_commands_run_against_a_registered_model
-    (r"(\.venv/bin/)?python3? -m (?P<module>bench(\.scaling)?)(?P<args>.*)", check_bench),
+    (r"curl (?P<args>.*)", check_curl),
+    (r"(\.venv/bin/)?python3? -m (?P<module>bench(\.scaling|\.serving)?)(?P<args>.*)", check_bench),
     (r"\.venv/bin/python -m pytest -q", None),  # this very suite
     (r"(\.venv/bin/)?pip install -q -c (?P<constraints>\S+) -e '\.\[(?P<extra>\w+)\]'", check_pip_install),
     (r"python3 -m venv \.venv", check_venv),
@@ -213,7 +336,7 @@ def test_doc_command(where, command, tmp_path):
 
 def test_crucible_commands_run_against_a_registered_model(homes):
     assert run_job("sl_basic", TINY_RUN_CONFIG).success
-    lines = [(where, c) for where, c in COMMANDS if c.startswith("crucible ") and not c.startswith("crucible sweep ")]
+    lines = [(where, c) for where, c in COMMANDS if c.startswith("crucible ") and not c.startswith(("crucible sweep ", "crucible serve "))]
     for where, command in lines:
         sub = command.split()[1]
         assert sub in CRUCIBLE_SHOWS, f"{where}: say in CRUCIBLE_SHOWS what `{command}` must print"
@@ -229,3 +352,44 @@ def test_every_bash_block_is_read():
     fences = {lang for doc in DOCS for lang in re.findall(r"^[ \t]*```(\S*)", doc.read_text(), re.M)}
     assert fences <= {"bash", "yaml", "python", ""}, f"a block these tests do not read: {fences}"
     assert len(COMMANDS) >= 30
+
+
+def test_serving_python_block_runs_against_the_server(tiny, tmp_path, monkeypatch, capsys):
+    """docs/serving.md's openai client code, as written, against `crucible serve`'s own app with
+    a key set: a tiny model under the served name and version, HTTP in process (the client's
+    transport is the app). Its chat, stream and feedback calls succeed, and the feedback lands
+    in the feedback folder as the record the feedback job reads."""
+    import openai
+    import torch
+    from starlette.testclient import TestClient
+
+    from crucible_assets.feedback import load_feedback
+    from crucible_jobs.serving.app import Served, create_app
+    from crucible_jobs.serving.engine import BatchingEngine, LoadedModel
+    from crucible_jobs.serving.responses import ResponseLog
+    from crucible_jobs.serving.server import API_KEY_VARIABLE
+    from resources.hf_io import load_model, load_tokenizer
+
+    (block,) = re.findall(r"^```python\n(.*?)^```", (REPO / "docs" / "serving.md").read_text(), re.S | re.M)
+    tokenizer, model = load_tokenizer(tiny), load_model(tiny).eval()
+    # Untrained, its greedy answer is blank, and a blank answer cannot be rated: it writes no blanks
+    blank = torch.tensor([i for i in range(len(tokenizer)) if not tokenizer.decode([i], skip_special_tokens=True).strip()])
+    model.get_output_embeddings().register_forward_hook(lambda _module, _args, logits: logits.index_fill(-1, blank, float("-inf")))
+    engine = BatchingEngine(LoadedModel(model, tokenizer, "chat_sl:1", 256, [tokenizer.eos_token_id]), max_rows=8,
+                            default_max_tokens=16)
+    monkeypatch.setenv(API_KEY_VARIABLE, "a-doc-key")
+    monkeypatch.setenv("CRUCIBLE_FEEDBACK_DIR", str(tmp_path / "feedback"))
+    app = create_app(Served(name="chat_sl", spec="chat_sl", engine=engine, responses=ResponseLog(tmp_path / "responses.sqlite"),
+                            api_key="a-doc-key"))
+    with TestClient(app) as http:
+        class InProcess(openai.OpenAI):
+            def __init__(self, **kwargs):
+                assert kwargs["base_url"] == "http://127.0.0.1:8000/v1" and 8000 in serve_ports(tmp_path)
+                super().__init__(**kwargs, http_client=http)
+
+        monkeypatch.setattr(openai, "OpenAI", InProcess)
+        exec(compile(block, "docs/serving.md", "exec"), {"__name__": "docs_serving"})
+    assert "chat_sl:1 chat_sl:1" in capsys.readouterr().out  # system_fingerprint and model_version
+    (record,) = load_feedback(tmp_path / "feedback")
+    assert record["model_version"] == "chat_sl:1" and record["rating"] == 5 and record["edited_response"] is None
+    assert record["prompt"] == [{"role": "user", "content": "What is 2 + 3?"}]
