@@ -31,6 +31,11 @@ TINY_RUN_CONFIG = {
         "math_rl__checkpoint": {"config": {"max_steps": 6, "batch_size": 4, "group_size": 4, "max_tokens": 8,
                                            "eval_every": 3, "save_every": 3, "eval_problems": 8}},
         "math_rl__eval_report": {"config": {"bootstrap_samples": 300, "pass_k": 2, "samples_per_problem": 2}},
+        # the eval suites on a few prompts: what they measure is tested in test_suites.py and the acceptance chains
+        **{f"{recipe}__eval_{suite}": {"config": {"num_prompts": n, "bootstrap_samples": 300, **extra}}
+           for recipe in ("sl_basic", "chat_sl", "dpo", "math_rl", "distillation")
+           for suite, n, extra in (("robustness", 16, {"max_tokens": 12}), ("self_consistency", 16, {"max_tokens": 12, "k": 3}),
+                                   ("attribution", 2, {"steps": 16}))},
     }
 }
 

@@ -46,6 +46,20 @@ def assert_gate_clears(recipe: str, margin: float) -> dict:
     return r
 
 
+def assert_suites_in_card(recipe: str) -> dict:
+    """The registered model's eval suites: robustness and self-consistency tables in their
+    assets and in the model card, and an attribution heat map whose completeness holds."""
+    store = ArtifactStore()
+    card = (store.latest(f"{recipe}/registered_model").dir / "README.md").read_text()
+    suites = {s: json.loads((store.latest(f"{recipe}/eval_{s}").dir / "report.json").read_text())
+              for s in ("robustness", "self_consistency", "attribution")}
+    assert "| robustness/numbers_as_words/drop |" in card and "| self_consistency/maj@5 |" in card, recipe
+    assert "robustness/clean/accuracy_delta_ci" in suites["robustness"]
+    assert suites["attribution"]["attribution/completeness_holds"], suites["attribution"]["attribution/worst_completeness_gap"]
+    assert (store.latest(f"{recipe}/eval_attribution").dir / "attribution.png").stat().st_size > 10_000
+    return suites
+
+
 @pytest.mark.slow
 def test_dpo_chain(homes):
     """sl_basic, chat_sl and dpo (on-policy pairs) each register a model that beats its start."""
@@ -55,6 +69,8 @@ def test_dpo_chain(homes):
     assert chat["test/accuracy_delta_ci"][0] > 0
     assert_gate_clears("dpo", margin=0.0)
     assert {m: len(v["versions"]) for m, v in ModelRegistry().models().items()} == {"sl_basic": 1, "chat_sl": 1, "dpo": 1}
+    for recipe in ("sl_basic", "chat_sl", "dpo"):
+        assert_suites_in_card(recipe)
 
 
 def held_out_and_trained(recipe: str) -> tuple[set[str], set[str]]:
@@ -77,3 +93,5 @@ def test_distillation_chain(homes):
     (sl_test, sl_train), (rl_test, rl_train), (st_test, st_train) = map(held_out_and_trained, ("sl_basic", "math_rl", "distillation"))
     assert sl_test <= rl_test == st_test and not rl_test & (sl_train | rl_train | st_train)
     assert {m: len(v["versions"]) for m, v in ModelRegistry().models().items()} == {"sl_basic": 1, "math_rl": 1, "distillation": 1}
+    for recipe in ("sl_basic", "math_rl", "distillation"):
+        assert_suites_in_card(recipe)

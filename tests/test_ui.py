@@ -154,6 +154,20 @@ def test_browser_shows_recipe_groups_checkpoint_metadata_and_plots(webserver, br
     browser.execute_script("arguments[0].scrollIntoView({block: 'center', inline: 'nearest'});", table)
     browser.save_screenshot(str(SCREENSHOTS / "6_eval_table.png"))
 
+    browser.get(f"{url}/assets/sl_basic/eval_robustness")
+    table = wait_for(browser, lambda d: d.find_elements(By.XPATH, "//tr[.//td[normalize-space()='eval_table']]//table"),
+                     "the robustness suite's table")[0]
+    assert any(r.startswith("robustness/numbers_as_words/drop ") for r in table.text.splitlines())
+    browser.save_screenshot(str(SCREENSHOTS / "7_eval_robustness.png"))
+
+    browser.get(f"{url}/assets/sl_basic/eval_attribution")
+    heatmap = wait_for(browser, lambda d: [i for i in d.find_elements(By.CSS_SELECTOR, "img[src^='data:image/png']")
+                                           if i.get_attribute("alt") == "attribution.png" and i.size["width"] > 300],
+                       "the attribution heat map")[0]
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center', inline: 'nearest'});", heatmap)
+    time.sleep(1)
+    browser.save_screenshot(str(SCREENSHOTS / "8_eval_attribution.png"))
+
 
 def mlflow_cli(crucible: Path, *args: str) -> str:
     mlflow = Path(sys.executable).with_name("mlflow")
