@@ -15,7 +15,7 @@ import sys
 from crucible_jobs import reproduce
 from resources.backends.local.cpu import machine_type
 from resources.store import compare, gc, lineage
-from resources.store.artifact_store import ArtifactRef, ArtifactStore
+from resources.store.artifact_store import ArtifactRef, ArtifactStore, IntegrityError
 from resources.store.registry import ModelRegistry
 
 
@@ -267,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args, ArtifactStore(), ModelRegistry())
-    except (KeyError, ValueError, FileNotFoundError) as e:
-        print(f"crucible: {e}", file=sys.stderr)
+    except (KeyError, ValueError, FileNotFoundError, IntegrityError) as e:
+        print(f"crucible: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `crucible lineage ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

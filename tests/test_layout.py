@@ -18,7 +18,8 @@ from recipes import RECIPES
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "<!-- example-recipe:"
-STAGES = ("base_model", "dataset", "tokenized", "checkpoint", "eval_report", "champion_eval", "registered_model")
+STAGES = ("base_model", "dataset", "tokenized", "checkpoint", "eval_report", "champion_eval", "registered_model",
+          "eval_robustness", "eval_self_consistency", "eval_attribution")
 
 
 def doc_example() -> str:
@@ -58,7 +59,8 @@ def test_doc_example_recipe_builds(discovered, monkeypatch):
     assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == group | {"base/tokenizer", "base/tiny_llama"}
     sweep_job = repo.get_job(f"{name}_sweep")  # a sweep of the new recipe needs nothing more either
     assert {k.to_user_string() for k in sweep_job.asset_layer.executable_asset_keys} == (
-        group - {f"{name}/{s}" for s in ("checkpoint", "eval_report", "champion_eval", "registered_model")}
+        group - {f"{name}/{s}" for s in ("checkpoint", "eval_report", "champion_eval", "registered_model", "eval_robustness",
+                                          "eval_self_consistency", "eval_attribution")}
         | swept - {f"{name}/sweep_report"} | {"base/tokenizer", "base/tiny_llama"})
 
     checks = {(ck.asset_key.to_user_string(), ck.name): ck for ck in repo.asset_graph.asset_check_keys}

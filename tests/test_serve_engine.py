@@ -114,6 +114,7 @@ def test_a_prompt_longer_than_the_context_is_refused_and_the_engine_keeps_servin
     finally:
         engine.stop()
     assert too_long.events[0][:2] == ("error", 400) and "context length of 256" in too_long.events[0][2]
+    assert too_long.events[0][3] == "context_length_exceeded"
     assert ok.finish == ["length"]
 
 
@@ -135,3 +136,22 @@ def test_a_swap_finishes_the_rows_in_flight_on_the_old_model(client, tiny):
     assert early.events[0][1] == "tiny:1" and late.events[0][1] == "tiny:2"
     assert early.finish == ["length"] and early.texts[0] == alone(client, PROMPTS[3], 200)
     assert late.texts[0] == alone(other, PROMPTS[3], 40) != early.texts[0]
+
+
+def test_a_prompt_the_template_refuses_is_a_400_and_the_engine_keeps_serving(client):
+    from jinja2 import TemplateError
+
+    def refuse(_tok):
+        raise TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    engine = BatchingEngine(loaded(client)).start()
+    try:
+        refused, ok = Collect(PROMPTS[0]), Collect(PROMPTS[0], max_tokens=4, temperature=0.0)
+        refused.request.render = refuse
+        run(engine, [refused, ok])
+        assert engine.alive
+    finally:
+        engine.stop()
+    assert refused.events == [("error", 400, "cannot render the prompt: TemplateError: Conversation roles must alternate "
+                                             "user/assistant/user/assistant/...", None)]
+    assert ok.finish == ["length"]

@@ -68,8 +68,7 @@ class Call:
     async def admitted(self) -> tuple[str, int]:
         event = await self.events.get()
         if event[0] == "error":
-            raise OpenAIError(event[1], event[2], code="context_length_exceeded" if event[1] == 400 else None,
-                              kind="invalid_request_error" if event[1] == 400 else "server_error")
+            raise OpenAIError(event[1], event[2], code=event[3], kind="invalid_request_error" if event[1] == 400 else "server_error")
         return event[1], event[2]
 
 
@@ -249,8 +248,10 @@ def create_app(served: Served) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": served.name, "follows": model_spec(served.spec), "model_version": served.engine.version,
-                "active_rows": len(served.engine.rows)}
+        """503 once the decode loop is gone, so a liveness probe restarts the server."""
+        body = {"status": "ok" if served.engine.alive else "engine stopped", "model": served.name,
+                "follows": model_spec(served.spec), "model_version": served.engine.version, "active_rows": len(served.engine.rows)}
+        return JSONResponse(body, status_code=200 if served.engine.alive else 503)
 
     @app.get("/metrics")
     async def prometheus():

@@ -53,7 +53,7 @@ class LoadedModel:
 class Request:
     """`render(tokenizer)` gives the prompt's ids with the tokenizer of the model that admits
     it; `sink(event)` receives ("admitted", version, prompt_tokens), ("text", choice, delta),
-    ("done", choice, finish_reason, completion_tokens) and ("error", status, message)."""
+    ("done", choice, finish_reason, completion_tokens) and ("error", status, message, code)."""
 
     render: Callable[[object], list[int]]
     sink: Callable[[tuple], None]
@@ -111,6 +111,10 @@ class BatchingEngine:
     def version(self) -> str:
         return self.loaded.version
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     # -- the loop --------------------------------------------------------------------------
 
     def _loop(self) -> None:
@@ -129,7 +133,7 @@ class BatchingEngine:
                         self._forward()
             except Exception as e:  # noqa: BLE001 - fail these requests, keep serving the next ones
                 for request in {id(r): r for r in [row.request for row in self.rows] + [r for r, _, _ in admitted]}.values():
-                    request.sink(("error", 500, f"generation failed: {type(e).__name__}: {e}"))
+                    request.sink(("error", 500, f"generation failed: {type(e).__name__}: {e}", None))
                 self.rows = []
                 self._cache = self._mask_N_L = self._pos_N = self._logits_N_V = None
 
@@ -157,8 +161,11 @@ class BatchingEngine:
                 if max_tokens > room or room < 1:
                     raise ContextTooLong(f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds the "
                                          f"model's context length of {self.loaded.context_length} tokens")
-            except ValueError as e:
-                request.sink(("error", 400, str(e)))
+            except ContextTooLong as e:
+                request.sink(("error", 400, str(e), "context_length_exceeded"))
+                continue
+            except Exception as e:  # noqa: BLE001 - a chat template that refuses these messages, say
+                request.sink(("error", 400, f"cannot render the prompt: {type(e).__name__}: {e}", None))
                 continue
             request.sink(("admitted", self.loaded.version, len(prompt)))
             admitted.append((request, prompt, max_tokens))

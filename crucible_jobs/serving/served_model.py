@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from resources.backends.local.backend import LocalTorchBackend
 from resources.hf_io import load_model, load_tokenizer
@@ -52,13 +53,15 @@ def load_version(registry: ModelRegistry, store: ArtifactStore, spec: str, backe
 
 class AliasFollower:
     """Polls the registry (one small JSON read) and swaps the engine to the version the alias
-    names now. A version that fails to load is logged once and not retried; the old one keeps
-    serving."""
+    names now. A version that fails to load is logged and retried after `retry_seconds` (a
+    store that was briefly unreachable); the old one keeps serving meanwhile."""
 
-    def __init__(self, engine: BatchingEngine, load, registry: ModelRegistry, spec: str, interval: float = 1.0):
+    def __init__(self, engine: BatchingEngine, load, registry: ModelRegistry, spec: str, interval: float = 1.0,
+                 retry_seconds: float = 60.0):
         self.engine, self.load, self.registry, self.spec, self.interval = engine, load, registry, spec, interval
+        self.retry_seconds = retry_seconds
         self.on_swap = lambda: None
-        self._failed: set[int] = set()
+        self._failed: dict[int, float] = {}  # version -> when its load failed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="crucible-serve-follower", daemon=True)
 
@@ -79,12 +82,12 @@ class AliasFollower:
                 log.warning("cannot resolve %s: %s", self.spec, e)
                 continue
             target = f"{current.rsplit(':', 1)[0]}:{version}"
-            if target == current or version in self._failed:
+            if target == current or time.monotonic() - self._failed.get(version, -1e18) < self.retry_seconds:
                 continue
             try:
                 loaded = self.load()
             except Exception as e:  # noqa: BLE001 - any failure keeps the old model serving
-                self._failed.add(version)
+                self._failed[version] = time.monotonic()
                 log.error("cannot load %s (%s): %s; still serving %s", target, self.spec, e, current)
                 continue
             log.info("%s moved: %s -> %s", model_spec(self.spec), current, loaded.version)
