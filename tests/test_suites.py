@@ -119,3 +119,45 @@ def test_a_prompt_is_the_conversation_up_to_its_last_answer():
     assert as_prompt({"text": "plain text"}) is None
     pair = {"chosen": chat["messages"], "rejected": chat["messages"][:-1] + [{"role": "assistant", "content": "wrong"}]}
     assert as_prompt(pair).reference == chat["messages"][-1]["content"]
+
+
+def test_a_recipe_job_builds_its_suites_into_the_ui_and_the_model_card_and_ensembles_registered_models(homes):
+    """A tiny sl_basic run: each suite's table is UI metadata and a section of the model card;
+    then its self-consistency suite alone, ensembling the registered model with itself, equals
+    that model (the ensemble's gain over its best member is exactly zero)."""
+    import copy
+    import json
+
+    from dagster import DagsterInstance
+
+    from conftest import TINY_RUN_CONFIG, run_job
+    from resources.store.artifact_store import ArtifactStore
+
+    result = run_job("sl_basic", TINY_RUN_CONFIG)
+    assert result.success
+    store = ArtifactStore()
+    card = (store.latest("sl_basic/registered_model").dir / "README.md").read_text()
+    for heading in ("## Robustness", "## Self-consistency", "## Attribution"):
+        assert heading in card
+    with DagsterInstance.get() as instance:
+        for suite in ("robustness", "self_consistency"):
+            event = instance.get_latest_materialization_event(key_of(f"sl_basic/eval_{suite}"))
+            table = event.asset_materialization.metadata["eval_table"]
+            assert any(r.data["metric"].startswith(f"{suite}/") for r in table.records)
+        heatmap = instance.get_latest_materialization_event(key_of("sl_basic/eval_attribution")).asset_materialization.metadata
+        assert heatmap["attribution"].value.startswith("![attribution.png](data:image/png;base64,")
+
+    config = copy.deepcopy(TINY_RUN_CONFIG)
+    config["ops"]["sl_basic__eval_self_consistency"]["config"]["members"] = ["sl_basic@champion", "sl_basic:1"]
+    assert run_job("sl_basic", config, assets=["sl_basic/eval_self_consistency"]).success
+    report = json.loads((store.latest("sl_basic/eval_self_consistency").dir / "report.json").read_text())
+    members = report["ensemble/members"]
+    assert set(members) == {"sl_basic@champion", "sl_basic:1"} and len(set(members.values())) == 1
+    assert report["ensemble/accuracy_vs_best_member"] == report["start/ensemble/accuracy_vs_best_member"] == members["sl_basic:1"]
+    assert report["ensemble/accuracy_vs_best_member_delta_ci"] == [0.0, 0.0]
+
+
+def key_of(name: str):
+    from dagster import AssetKey
+
+    return AssetKey.from_user_string(name)

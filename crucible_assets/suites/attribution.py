@@ -12,7 +12,6 @@ against the tolerance. Rendered as a heat map of the prompt's tokens (attributio
 from __future__ import annotations
 
 import numpy as np
-import torch
 from pydantic import Field, PositiveFloat, PositiveInt
 
 from crucible_assets import plots
@@ -26,8 +25,10 @@ class AttributionConfig(SuiteConfig):
     tolerance: PositiveFloat = Field(default=0.01, description="completeness: |sum IG - (F(x) - F(x'))| / |F(x) - F(x')| at most this")
 
 
-def answer_logprob(model, embeds_B_T_H: torch.Tensor, answer_ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+def answer_logprob(model, embeds_B_T_H, answer_ids, prompt_len: int):
     """F per row: the summed log-prob of the answer tokens that follow the prompt."""
+    import torch
+
     logits_B_T_V = model(inputs_embeds=embeds_B_T_H).logits.float()
     logprobs_B_A_V = torch.log_softmax(logits_B_T_V[:, prompt_len - 1:-1], dim=-1)
     return logprobs_B_A_V.gather(-1, answer_ids.expand(len(embeds_B_T_H), -1).unsqueeze(-1)).squeeze(-1).sum(-1)
@@ -40,6 +41,8 @@ def integrated_gradients(model, prompt_ids: list[int], answer_ids: list[int], st
     position. Not zeros, nor the pad token (nn.Embedding keeps its row at zero): at a zero
     embedding RMSNorm divides by almost nothing, so F jumps within the path's first percent
     and no affordable m integrates it."""
+    import torch
+
     model = model.eval()
     ids = torch.tensor([prompt_ids + answer_ids])
     P, answer = len(prompt_ids), torch.tensor([answer_ids])
@@ -63,6 +66,8 @@ def integrated_gradients(model, prompt_ids: list[int], answer_ids: list[int], st
 def run(r: SuiteRun) -> dict:
     cfg: AttributionConfig = r.config
     tok, model = r.tokenizer, r.trained.model
+    import torch
+
     samples = []
     for p in r.prompts[: cfg.num_prompts]:
         prompt_ids = render(tok, r.renderer, p)

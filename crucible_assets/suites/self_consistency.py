@@ -12,7 +12,6 @@ from collections import Counter
 from typing import Literal
 
 import numpy as np
-import torch
 from pydantic import Field, PositiveInt
 
 from crucible_assets.evaluation import paired_report
@@ -56,11 +55,12 @@ def maj_at_k(client, tokens, prompts, grader, cfg: SelfConsistencyConfig, stop) 
     return np.array(maj, float), np.array(mean, float), np.array([grader(g[0], p.reference)[0] for g, p in zip(greedy, prompts)], float)
 
 
-@torch.no_grad()
-def logprob_mean_greedy(models: list[torch.nn.Module], prompts: list[list[int]], max_tokens: int, pad_id: int,
+def logprob_mean_greedy(models: list, prompts: list[list[int]], max_tokens: int, pad_id: int,
                         stop_ids: list[int]) -> list[list[int]]:
     """Greedy decoding from the members' mean next-token log-probs (one vocabulary). Whole
     sequences each step, no KV cache: members differ, and eval answers are short."""
+    import torch
+
     seqs, done = [list(p) for p in prompts], [False] * len(prompts)
     for _ in range(max_tokens):
         live = [i for i, d in enumerate(done) if not d]
@@ -70,8 +70,9 @@ def logprob_mean_greedy(models: list[torch.nn.Module], prompts: list[list[int]],
         ids = torch.tensor([[pad_id] * (width - len(seqs[i])) + seqs[i] for i in live])
         mask = torch.tensor([[0] * (width - len(seqs[i])) + [1] * len(seqs[i]) for i in live])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        lp = sum(torch.log_softmax(m(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float(), -1)
-                 for m in models) / len(models)
+        with torch.no_grad():
+            lp = sum(torch.log_softmax(m(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float(), -1)
+                     for m in models) / len(models)
         for i, token in zip(live, lp.argmax(-1).tolist()):
             seqs[i].append(token)
             done[i] = token in stop_ids
