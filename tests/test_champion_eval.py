@@ -7,6 +7,7 @@ import random
 
 from conftest import run_job
 from crucible_assets.champion_eval import vocabulary_difference
+from crucible_assets.suites.assets import DEFAULT_SUITES
 from crucible_jobs.cli import main as crucible
 from resources.store.artifact_store import ArtifactStore
 from resources.store.registry import ModelRegistry
@@ -32,7 +33,8 @@ def conversations(n: int) -> list[dict]:
                           {"role": "assistant", "content": f"{a} plus {b} makes {a + b}."}]} for a, b in pairs]
 
 
-STAGES = ("base_model", "dataset", "tokenized", "checkpoint", "eval_report", "champion_eval", "registered_model")
+STAGES = ("base_model", "dataset", "tokenized", "checkpoint", "eval_report", "champion_eval", "registered_model",
+          *(f"eval_{s}" for s in DEFAULT_SUITES))
 
 
 def run_chat_sl(start, **dataset):

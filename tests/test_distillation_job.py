@@ -12,7 +12,8 @@ from conftest import PINNED_PRECISION, TINY_RUN_CONFIG, run_job
 from resources.store.artifact_store import ArtifactStore
 from resources.store.registry import ModelRegistry
 
-STAGES = ["teacher", "base_model", "dataset", "tokenized", "teacher_samples", "checkpoint", "eval_report", "registered_model"]
+STAGES = ["teacher", "base_model", "dataset", "tokenized", "teacher_samples", "checkpoint", "eval_report", "registered_model",
+          "eval_robustness", "eval_self_consistency", "eval_attribution"]
 SELECTION = [AssetKey(["base", "tokenizer"]), AssetKey(["base", "tiny_llama_small"])] + [AssetKey(["distillation", s]) for s in STAGES]
 
 
@@ -27,6 +28,7 @@ def run_distillation(teacher_dir: str, resources: dict | None = None):
         "distillation__checkpoint": {"config": {"max_steps": 6, "batch_size": 8, "group_size": 2, "max_tokens": 8,
                                                 "learning_rate": 3e-3, "eval_every": 3, "save_every": 3, "eval_problems": 8}},
         "distillation__eval_report": {"config": {"bootstrap_samples": 200, "kl_samples": 1}},
+        **{k: v for k, v in TINY_RUN_CONFIG["ops"].items() if k.startswith("distillation__eval_")},
     }
     job = defs.resolve_job_def("distillation")
     with DagsterInstance.get() as instance:
