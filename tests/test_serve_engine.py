@@ -60,17 +60,31 @@ def alone(client, prompt, max_tokens):
 
 
 def test_requests_joining_a_batch_in_flight_get_their_own_greedy_answer(client):
+    """The longest request starts alone; at its third decode step (from inside the engine's
+    own step hook, so no timing decides it) the others arrive and join the batch in flight."""
+    calls = [Collect(p, max_tokens=10 + 4 * i, temperature=0.0) for i, p in enumerate(PROMPTS)]
+    first, rest = calls[3], calls[:3] + calls[4:]
     steps = []
-    engine = BatchingEngine(loaded(client), on_step=steps.append).start()
+
+    def on_step(rows):
+        steps.append(rows)
+        if len(steps) == 3:
+            for c in rest:
+                engine.submit(c.request)
+
+    engine = BatchingEngine(loaded(client), on_step=on_step)
+    engine.submit(first.request)
+    engine.start()
     try:
-        calls = run(engine, [Collect(p, max_tokens=10 + 4 * i, temperature=0.0) for i, p in enumerate(PROMPTS)], gap=0.01)
+        for c in calls:
+            assert c.done.wait(60), c.events[-3:]
     finally:
         engine.stop()
     for i, (p, c) in enumerate(zip(PROMPTS, calls)):
         assert c.texts[0] == alone(client, p, 10 + 4 * i)
         assert c.events[0] == ("admitted", "tiny:1", len(p))
-    assert max(steps) >= 3, steps  # they did share decode steps
-    assert steps != sorted(steps, reverse=True), steps  # and some joined after others had started
+    assert steps[:4] == [1, 1, 1, 5], steps  # they joined the one in flight
+    assert steps[-1] == 1 and len(steps) == 3 + 26, steps  # and left as they finished: the last (26 tokens) joined at step 4
 
 
 def test_a_seed_draws_the_same_text_whatever_shares_the_batch(client):
