@@ -22,7 +22,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -41,7 +40,6 @@ class LoadedModel:
     version: str  # the registry version, e.g. "sl_basic:3"
     context_length: int
     stop_ids: list[int]
-    bf16: bool = False
     device: str = "cpu"
 
     @property
@@ -125,7 +123,7 @@ class BatchingEngine:
             if not self.rows and not admitted:
                 continue
             try:
-                with torch.no_grad(), self._autocast():
+                with torch.no_grad():
                     if admitted:
                         self._prefill(admitted)
                     self._sample_and_emit()
@@ -171,11 +169,6 @@ class BatchingEngine:
             admitted.append((request, prompt, max_tokens))
             rows += request.n
         return admitted
-
-    def _autocast(self):
-        if not self.loaded.bf16:
-            return nullcontext()
-        return torch.autocast(device_type=self.loaded.device.split(":")[0], dtype=torch.bfloat16)
 
     def _prefill(self, admitted: list[tuple[Request, list[int], int]]) -> None:
         """One left-padded forward over the new prompts; each prompt's cache row is repeated

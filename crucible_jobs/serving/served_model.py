@@ -43,12 +43,15 @@ def load_version(registry: ModelRegistry, store: ArtifactStore, spec: str, backe
         torch.set_num_threads(backend.threads)
     device = backend.resolved_device()
     model = load_model(model_dir, device, trust_remote_code).eval()
+    if backend.resolved_precision() == "bf16":  # weights cast once: autocast would cast them again at every decode step
+        import torch
+
+        model = model.to(torch.bfloat16)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     eos = model.generation_config.eos_token_id
     stop_ids = [i for i in dict.fromkeys([tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])]) if i is not None]
     return LoadedModel(model=model, tokenizer=tokenizer, version=f"{name}:{entry['version']}",
-                       context_length=model.config.max_position_embeddings, stop_ids=stop_ids,
-                       bf16=backend.resolved_precision() == "bf16", device=device)
+                       context_length=model.config.max_position_embeddings, stop_ids=stop_ids, device=device)
 
 
 class AliasFollower:
