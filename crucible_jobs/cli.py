@@ -192,8 +192,12 @@ def cmd_sweep_register(args, store, registry) -> int:
 def cmd_serve(args, store, registry) -> int:
     from crucible_jobs.serving import server  # torch and the web stack load only to serve
 
-    server.serve(args.model, args.host, args.port, precision=args.precision, threads=args.threads, max_rows=args.max_batch,
-                 max_tokens=args.max_tokens, poll_seconds=args.poll_seconds, registry=registry, store=store)
+    try:
+        server.serve(args.model, args.host, args.port, precision=args.precision, threads=args.threads, max_rows=args.max_batch,
+                     max_tokens=args.max_tokens, poll_seconds=args.poll_seconds, registry=registry, store=store)
+    except (FileNotFoundError, IntegrityError) as e:  # the store, not the command: a supervisor may retry (exit 1)
+        print(f"crucible: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

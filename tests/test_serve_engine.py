@@ -169,3 +169,45 @@ def test_a_prompt_the_template_refuses_is_a_400_and_the_engine_keeps_serving(cli
     assert refused.events == [("error", 400, "cannot render the prompt: TemplateError: Conversation roles must alternate "
                                              "user/assistant/user/assistant/...", None)]
     assert ok.finish == ["length"]
+
+
+def test_a_cancelled_request_leaves_at_the_next_step_and_a_queued_one_never_starts(client):
+    steps = []
+    engine = BatchingEngine(loaded(client), on_step=steps.append)
+    running, queued, after = Collect(PROMPTS[3], max_tokens=200), Collect(PROMPTS[0], max_tokens=5), Collect(PROMPTS[1], max_tokens=3)
+    queued.request.cancelled = True
+    running.request.sink = lambda ev: (running.sink(ev), ev[0] == "text" and setattr(running.request, "cancelled", True))
+    for c in (running, queued, after):
+        engine.submit(c.request)
+    engine.start()
+    try:
+        assert after.done.wait(60)
+        time.sleep(0.2)
+        assert engine.rows == []
+    finally:
+        engine.stop()
+    assert [e[0] for e in running.events][:2] == ["admitted", "text"] and "done" not in [e[0] for e in running.events]
+    assert queued.events == [] and after.finish == ["length"]
+    assert len(steps) < 20  # the 200-token request stopped within a step of its cancel
+
+
+def test_a_request_for_an_exact_version_is_refused_once_another_serves(client, tiny):
+    engine = BatchingEngine(loaded(client, "tiny:1")).start()
+    try:
+        (same,) = run(engine, [Collect(PROMPTS[0], max_tokens=3, version="tiny:1")])
+        engine.swap(loaded(client, "tiny:2"))
+        (old,) = run(engine, [Collect(PROMPTS[0], max_tokens=3, version="tiny:1")])
+    finally:
+        engine.stop()
+    assert same.finish == ["length"]
+    assert old.events == [("error", 404, "tiny:1 is no longer served here: tiny:2 is", "model_not_found")]
+
+
+def test_a_stopped_engine_fails_what_it_holds_instead_of_leaving_callers_waiting(client):
+    engine = BatchingEngine(loaded(client))
+    waiting = Collect(PROMPTS[0], max_tokens=3)
+    engine.submit(waiting.request)
+    engine._stopping.set()  # stops before it ever admits
+    engine.start()
+    assert waiting.done.wait(10)
+    assert waiting.events == [("error", 503, "the server is shutting down", None)]

@@ -124,17 +124,19 @@ def create_app(served: Served) -> FastAPI:
                 raise OpenAIError(413, f"the body is larger than {served.max_body_bytes} bytes")
         return parse(model, bytes(body))
 
-    def check_model(asked: str) -> None:
+    def check_model(asked: str) -> str | None:
+        """The exact version asked for (a request for `chat_sl:3` must not be answered by v4), or None."""
         if asked not in {served.name, served.spec, model_spec(served.spec), served.engine.version}:
             raise OpenAIError(404, f"the model {asked!r} is not served here; this server serves {model_spec(served.spec)} "
                                    f"(now {served.engine.version}): ask for {served.name!r}", param="model",
                               code="model_not_found")
+        return asked if asked == served.engine.version else None
 
     def sampling(req: Sampling, max_tokens: int | None) -> dict:
         return {"n": req.n, "max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
-                "stop": req.stop or [], "seed": req.seed}
+                "stop": req.stop or [], "seed": req.seed, "version": check_model(req.model)}  # 404 for a model not served
 
-    async def complete(endpoint: str, req: Sampling, call: Call, prompt, chunk, whole):
+    async def complete(http: HttpRequest, endpoint: str, req: Sampling, call: Call, prompt, chunk, whole):
         """Runs one call; `chunk(choice, text, finish)` shapes a stream event, `whole(texts,
         finishes, usage)` the final body."""
         started = time.perf_counter()
@@ -164,11 +166,13 @@ def create_app(served: Served) -> FastAPI:
             return {"prompt_tokens": prompt_tokens, "completion_tokens": used, "total_tokens": prompt_tokens + used}
 
         if not req.stream:
+            watcher = asyncio.create_task(cancel_when_gone(http, call))  # Starlette does not cancel this handler
             try:
                 async for _ in events():
                     pass
             finally:
-                call.request.cancelled = True  # a client gone mid-answer frees its rows
+                watcher.cancel()
+                call.request.cancelled = True
             return JSONResponse({**head, **whole(texts, finishes, finish())}, headers={VERSION_HEADER: version})
 
         async def sse():
@@ -192,7 +196,6 @@ def create_app(served: Served) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest):
         req = await body_of(request, ChatCompletionRequest)
-        check_model(req.model)
         messages = [m.model_dump() for m in req.messages]
         call = Call(sampling(req, req.max_completion_tokens or req.max_tokens),
                     lambda tok: tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
@@ -207,12 +210,11 @@ def create_app(served: Served) -> FastAPI:
                     "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f, "logprobs": None}
                                 for i, (t, f) in enumerate(zip(texts, finishes))]}
 
-        return await complete("chat", req, call, messages, chunk, whole)
+        return await complete(request, "chat", req, call, messages, chunk, whole)
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
         req = await body_of(request, CompletionRequest)
-        check_model(req.model)
         call = Call(sampling(req, req.max_tokens), lambda tok: tok(req.prompt)["input_ids"])
         served.engine.submit(call.request)
 
@@ -224,7 +226,7 @@ def create_app(served: Served) -> FastAPI:
                     "choices": [{"index": i, "text": t, "finish_reason": f, "logprobs": None}
                                 for i, (t, f) in enumerate(zip(texts, finishes))]}
 
-        return await complete("completions", req, call, req.prompt, chunk, whole)
+        return await complete(request, "completions", req, call, req.prompt, chunk, whole)
 
     @app.post("/v1/feedback")
     async def feedback(request: HttpRequest):
@@ -258,6 +260,13 @@ def create_app(served: Served) -> FastAPI:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def cancel_when_gone(http: HttpRequest, call: Call, every: float = 0.25) -> None:
+    """A client that hung up frees its rows at the next decode step."""
+    while not await http.is_disconnected():
+        await asyncio.sleep(every)
+    call.request.cancelled = True
 
 
 def _sse(payload: dict) -> str:

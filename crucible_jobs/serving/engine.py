@@ -61,7 +61,8 @@ class Request:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
-    cancelled: bool = False  # the client went away: its rows leave at the next step
+    version: str | None = None  # asked for one exact version (model "chat_sl:3"): refused if another one serves now
+    cancelled: bool = False  # the client went away: its rows leave at the next step, a queued request never starts
 
 
 @dataclass
@@ -85,6 +86,7 @@ class BatchingEngine:
         self.on_step = on_step or (lambda rows: None)  # called with the batch size of every decode step
         self._waiting: queue.Queue[Request] = queue.Queue()
         self._next: LoadedModel | None = None
+        self._swap_lock = threading.Lock()  # a swap() between reading _next and clearing it is never lost
         self._held: Request | None = None  # taken from the queue while draining for a swap
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="crucible-serve-engine", daemon=True)
@@ -103,7 +105,13 @@ class BatchingEngine:
         self._waiting.put(request)
 
     def swap(self, loaded: LoadedModel) -> None:
-        self._next = loaded
+        with self._swap_lock:
+            self._next = loaded
+
+    def _take_swap(self) -> None:
+        with self._swap_lock:
+            if self._next is not None:
+                self.loaded, self._next = self._next, None
 
     @property
     def version(self) -> str:
@@ -116,24 +124,47 @@ class BatchingEngine:
     # -- the loop --------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while not self._stopping.is_set():
-            if self._next is not None and not self.rows:
-                self.loaded, self._next = self._next, None
-            admitted = self._admit()
-            if not self.rows and not admitted:
-                continue
+        try:
+            while not self._stopping.is_set():
+                if not self.rows:
+                    self._take_swap()
+                self._step()
+        finally:  # stopped, or a bug: no caller waits forever
+            for request in self._everyone([]):
+                try:
+                    request.sink(("error", 503, "the server is shutting down" if self._stopping.is_set()
+                                  else "the decode loop stopped", None))
+                except RuntimeError:  # its event loop is already closed
+                    pass
+
+    def _step(self) -> None:
+        admitted = self._admit()
+        if not self.rows and not admitted:
+            return
+        try:
+            with torch.no_grad():
+                if admitted:
+                    self._prefill(admitted)
+                self._sample_and_emit()
+                if self.rows:
+                    self._forward()
+        except Exception as e:  # noqa: BLE001 - fail these requests, keep serving the next ones
+            for request in {id(r): r for r in [row.request for row in self.rows] + [r for r, _, _ in admitted]}.values():
+                request.sink(("error", 500, f"generation failed: {type(e).__name__}: {e}", None))
+            self.rows = []
+            self._cache = self._mask_N_L = self._pos_N = self._logits_N_V = None
+
+    def _everyone(self, admitted: list) -> list[Request]:
+        """Every request the engine holds: running, held for a swap, queued."""
+        held = [self._held] if self._held else []
+        queued = []
+        while True:
             try:
-                with torch.no_grad():
-                    if admitted:
-                        self._prefill(admitted)
-                    self._sample_and_emit()
-                    if self.rows:
-                        self._forward()
-            except Exception as e:  # noqa: BLE001 - fail these requests, keep serving the next ones
-                for request in {id(r): r for r in [row.request for row in self.rows] + [r for r, _, _ in admitted]}.values():
-                    request.sink(("error", 500, f"generation failed: {type(e).__name__}: {e}", None))
-                self.rows = []
-                self._cache = self._mask_N_L = self._pos_N = self._logits_N_V = None
+                queued.append(self._waiting.get_nowait())
+            except queue.Empty:
+                break
+        running = [row.request for row in self.rows] + [r for r, _, _ in admitted]
+        return list({id(r): r for r in running + held + queued}.values())
 
     def _admit(self) -> list[tuple[Request, list[int], int]]:
         """Waiting requests that fit (all of them when nothing runs), rendered and checked.
@@ -147,11 +178,16 @@ class BatchingEngine:
                                       else self._waiting.get_nowait())
             except queue.Empty:
                 break
+            if request.cancelled:
+                continue
             if self._next is not None:
                 if self.rows or admitted:
                     self._held = request
                     break
-                self.loaded, self._next = self._next, None
+                self._take_swap()
+            if request.version and request.version != self.loaded.version:
+                request.sink(("error", 404, f"{request.version} is no longer served here: {self.loaded.version} is", "model_not_found"))
+                continue
             try:
                 prompt = request.render(self.loaded.tokenizer)
                 room = self.loaded.context_length - len(prompt)
