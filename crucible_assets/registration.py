@@ -41,7 +41,7 @@ def model_card(recipe: str, lineage_edge: str, started_from: dict, report: dict,
               json.dumps(trained["config"], indent=1, sort_keys=True), "```", "",
               "Packages: " + ", ".join(f"{k} {v}" for k, v in sorted(trained.get("packages", {}).items())), ""]
     lines += ["## Metrics (held-out, vs. the starting model, 95% bootstrap CIs)", "", evaluation.markdown(report)]
-    lines += ["# Eval suites", "", *suites] if suites else []
+    lines += suites
     lines += ["## Intended use", "",
               "Research experiments; a tiny model trained on the recipe's data, not for production use.", ""]
     return "\n".join(lines)

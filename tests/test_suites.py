@@ -148,13 +148,26 @@ def test_a_recipe_job_builds_its_suites_into_the_ui_and_the_model_card_and_ensem
         assert heatmap["attribution"].value.startswith("![attribution.png](data:image/png;base64,")
 
     config = copy.deepcopy(TINY_RUN_CONFIG)
-    config["ops"]["sl_basic__eval_self_consistency"]["config"]["members"] = ["sl_basic@champion", "sl_basic:1"]
+    config["ops"]["sl_basic__eval_self_consistency"]["config"] |= {"members": ["sl_basic:1"], "combine": "logprob_mean"}
     assert run_job("sl_basic", config, assets=["sl_basic/eval_self_consistency"]).success
     report = json.loads((store.latest("sl_basic/eval_self_consistency").dir / "report.json").read_text())
-    members = report["ensemble/members"]
-    assert set(members) == {"sl_basic@champion", "sl_basic:1"} and len(set(members.values())) == 1
-    assert report["ensemble/accuracy_vs_best_member"] == report["start/ensemble/accuracy_vs_best_member"] == members["sl_basic:1"]
+    assert report["ensemble/members"] == {"sl_basic:1": report["ensemble/accuracy_vs_best_member"]}
+    assert report["ensemble/accuracy_vs_best_member"] == report["start/ensemble/accuracy_vs_best_member"]
     assert report["ensemble/accuracy_vs_best_member_delta_ci"] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("members, combine, problem", [
+    (["math_rl@champion", "distillation@champion"], "vote", "a vote of 2 members"),
+    (["math_rl:1", "math_rl:1", "x:2"], "vote", "name one model twice"),
+    (["sl_basic@champion"], "logprob_mean", "follow an alias of sl_basic itself"),
+])
+def test_an_ensemble_that_cannot_report_fairly_is_refused(members, combine, problem):
+    from crucible_assets.suites.assets import check_members
+    from crucible_assets.suites.self_consistency import SelfConsistencyConfig
+
+    with pytest.raises(ValueError, match=problem):
+        check_members("sl_basic", SelfConsistencyConfig(members=members, combine=combine))
+    assert check_members("sl_basic", SelfConsistencyConfig(members=["sl_basic:1", "math_rl@champion"], combine="logprob_mean"))
 
 
 def key_of(name: str):

@@ -56,13 +56,27 @@ def skipped(backend: TrainingBackendResource, suite: Suite, config: SuiteConfig,
     return None
 
 
+def check_members(recipe: str, config: SuiteConfig) -> list[str]:
+    """An ensemble's members, refused before any work where they cannot make a fair report."""
+    members = list(getattr(config, "members", []))
+    if len(set(members)) != len(members):
+        raise ValueError(f"eval_self_consistency config: members {members} name one model twice")
+    if members and getattr(config, "combine", "") == "vote" and len(members) < 3:
+        raise ValueError(f"eval_self_consistency config: a vote of {len(members)} members is the first member's answer "
+                         "whenever they disagree; name three or more, or combine: logprob_mean")
+    if moving := [m for m in members if m.split("@")[0].split(":")[0] == recipe and ":" not in m]:
+        raise ValueError(f"eval_self_consistency config: members {moving} follow an alias of {recipe} itself, whose next "
+                         f"registration would move it and so re-register; pin a version ({recipe}:1)")
+    return members
+
+
 def eval_suite_asset(recipe: str, algorithm: Algorithm, suite: Suite):
     @asset(key=key(recipe, suite_stage(suite.name)), group_name=recipe, code_version=suite.version, kinds={"json"},
            ins={s: AssetIn(key=key(recipe, s)) for s in STAGES}, description=f"{suite.title}. {suite.note}")
     def _suite(context: AssetExecutionContext, config: suite.config, store: ArtifactStore, backend: TrainingBackendResource,
                registry: ModelRegistry, **inputs: ArtifactRef) -> Output[ArtifactRef]:
         # an ensemble's members are inputs: a member re-registered under its alias is another report
-        members = {spec: registry.resolve(spec)["fingerprint"] for spec in getattr(config, "members", [])}
+        members = {spec: registry.resolve(spec)["fingerprint"] for spec in check_members(recipe, config)} if config.enabled else {}
 
         def load_members(specs: list[str]) -> dict:
             refs = {s: store.lookup(members[s]) for s in specs}

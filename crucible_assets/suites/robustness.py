@@ -43,8 +43,12 @@ def _user_turns(messages: list[dict], rewrite: Callable[[str], str], last_only: 
             for i, m in enumerate(messages)]
 
 
+# a standalone integer: not part of a decimal, a thousands group, an ordinal, a price, LaTeX or an exponent
+STANDALONE_INTEGER = re.compile(r"(?<![\w.,^{}$\\])\d+(?![\w.,^{}%\\]|,\d)")
+
+
 def numbers_as_words(messages: list[dict], rng: random.Random) -> list[dict]:
-    return _user_turns(messages, lambda text: re.sub(r"(?<![\d.])\d+(?![\d.])", lambda m: number_words(int(m.group())), text))
+    return _user_turns(messages, lambda text: STANDALONE_INTEGER.sub(lambda m: number_words(int(m.group())), text))
 
 
 # (pattern, rewrites): a question form and other ways to ask it
@@ -74,20 +78,26 @@ def distractor(messages: list[dict], rng: random.Random) -> list[dict]:
 
 
 def whitespace_and_case(messages: list[dict], rng: random.Random) -> list[dict]:
-    """Doubled spaces and letters in the wrong case; digits and symbols untouched."""
+    """Doubled spaces and words in the wrong case; a word with a digit or a backslash (LaTeX)
+    and a one-letter word (a variable) keep their case."""
+    def flippable(word: str) -> bool:
+        return len(word) > 1 and not any(c.isdigit() or c == "\\" for c in word)
+
     def noisy(text: str) -> str:
-        words = [w.swapcase() if rng.random() < 0.3 else w for w in text.split(" ")]
+        words = [w.swapcase() if flippable(w) and rng.random() < 0.3 else w for w in text.split(" ")]
         return "".join(w + (" " * rng.choice([1, 1, 2, 3]) if i < len(words) - 1 else "") for i, w in enumerate(words))
     return _user_turns(messages, noisy)
 
 
-SYSTEM_PROMPT = "You are a terse assistant. Reply with the result only."
+SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 def system_prompt(messages: list[dict], rng: random.Random) -> list[dict]:
-    """Another system prompt: replaces the conversation's own, or opens one."""
+    """A changed system prompt: a persona sentence opens it, before the conversation's own
+    instructions (kept: they may fix the answer's format)."""
+    own = " ".join(m["content"] for m in messages if m["role"] == "system")
     rest = [m for m in messages if m["role"] != "system"]
-    return [{"role": "system", "content": SYSTEM_PROMPT}] + rest
+    return [{"role": "system", "content": f"{SYSTEM_PROMPT} {own}".strip()}] + rest
 
 
 PERTURBATIONS: dict[str, Callable[[list[dict], random.Random], list[dict]]] = {
@@ -110,17 +120,25 @@ def run(r: SuiteRun) -> dict:
     if unknown := set(cfg.perturbations) - set(PERTURBATIONS):
         raise ValueError(f"eval_robustness config: perturbations {sorted(unknown)} are not among {sorted(PERTURBATIONS)}")
     sets = {"clean": r.prompts, **{p: perturb(r.prompts, p, cfg.seed) for p in cfg.perturbations}}
-    correct = {}
-    for name, prompts in sets.items():
-        tokens = [render(r.tokenizer, r.renderer, p) for p in prompts]
+    correct, skipped = {}, {}
+    for name, prompts in list(sets.items()):
+        try:
+            tokens = [render(r.tokenizer, r.renderer, p) for p in prompts]
+        except Exception as e:  # noqa: BLE001 - a template that refuses a system prompt, say: that rewrite is not askable
+            if name == "clean":
+                raise
+            skipped[name] = f"{type(e).__name__}: {e}"
+            del sets[name]
+            continue
         for model, client in (("trained", r.trained), ("start", r.start)):
             got = answers(client, tokens, 1, cfg.max_tokens, 0.0, r.stop, cfg.seed)
             correct[name, model] = np.array([r.grader(a[0], p.reference)[0] for a, p in zip(got, prompts)], dtype=float)
     per_example = {f"robustness/{name}/accuracy": (correct[name, "trained"], correct[name, "start"]) for name in sets}
     per_example |= {f"robustness/{name}/drop": (correct["clean", "trained"] - correct[name, "trained"],
-                                                correct["clean", "start"] - correct[name, "start"]) for name in cfg.perturbations}
+                                                correct["clean", "start"] - correct[name, "start"]) for name in sets if name != "clean"}
     examples = [{"perturbation": name, "prompt": sets[name][0].messages[-1]["content"]} for name in sets]
-    return {"num_prompts": len(r.prompts), **paired_report(per_example, cfg), "examples": examples}
+    return {"num_prompts": len(r.prompts), **paired_report(per_example, cfg), "examples": examples,
+            **({"skipped_perturbations": skipped} if skipped else {})}
 
 
 SUITE = Suite(name="robustness", config=RobustnessConfig, run=run, version="1",

@@ -37,11 +37,14 @@ def majority_vote(completions: list[str]) -> int:
 
 
 class SelfConsistencyConfig(SuiteConfig):
+    """A vote of two members is the first member's answer whenever they disagree (a tie goes
+    to the answer seen first): voting takes three or more."""
+
     k: PositiveInt = Field(default=5, description="samples per prompt for maj@k")
     temperature: float = Field(default=0.7, gt=0.0, description="sampling temperature of the k samples")
     max_tokens: PositiveInt = Field(default=24)
-    members: list[str] = Field(default_factory=list, description="registered models to ensemble (e.g. math_rl@champion); "
-                                                                 "empty: no ensemble")
+    members: list[str] = Field(default_factory=list, description="registered models to ensemble (e.g. math_rl@champion): "
+                                                                 "three or more to vote, two or more to average; empty: none")
     combine: Literal["vote", "logprob_mean"] = Field(default="vote", description="majority vote of the members' greedy "
                                                      "answers, or greedy decoding of their mean log-probs (one tokenizer)")
 
@@ -67,8 +70,9 @@ def logprob_mean_greedy(models: list, prompts: list[list[int]], max_tokens: int,
         if not live:
             break
         width = max(len(seqs[i]) for i in live)
-        ids = torch.tensor([[pad_id] * (width - len(seqs[i])) + seqs[i] for i in live])
-        mask = torch.tensor([[0] * (width - len(seqs[i])) + [1] * len(seqs[i]) for i in live])
+        device = next(models[0].parameters()).device
+        ids = torch.tensor([[pad_id] * (width - len(seqs[i])) + seqs[i] for i in live], device=device)
+        mask = torch.tensor([[0] * (width - len(seqs[i])) + [1] * len(seqs[i]) for i in live], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
             lp = sum(torch.log_softmax(m(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float(), -1)
@@ -79,22 +83,27 @@ def logprob_mean_greedy(models: list, prompts: list[list[int]], max_tokens: int,
     return [s[len(p):] for s, p in zip(seqs, prompts)]
 
 
-def ensemble(r: SuiteRun, tokens: list[list[int]]) -> dict:
+def ensemble(r: SuiteRun) -> dict:
     cfg: SelfConsistencyConfig = r.config
     members = r.members(cfg.members)
-    greedy = {spec: answers(c, tokens, 1, cfg.max_tokens, 0.0, r.stop, cfg.seed) for spec, c in members.items()}
+    tokens = {spec: [render(c.tokenizer, r.renderer, p) for p in r.prompts] for spec, c in members.items()}  # each its own ids
+    greedy = {spec: answers(c, tokens[spec], 1, cfg.max_tokens, 0.0, r.stop, cfg.seed) for spec, c in members.items()}
     correct = {spec: np.array([r.grader(a[0], p.reference)[0] for a, p in zip(got, r.prompts)], float)
                for spec, got in greedy.items()}
     if cfg.combine == "vote":
-        combined = [majority_vote([greedy[s][i][0] for s in members]) for i in range(len(tokens))]
+        combined = [majority_vote([greedy[s][i][0] for s in members]) for i in range(len(r.prompts))]
         texts = [greedy[list(members)[j]][i][0] for i, j in enumerate(combined)]
     else:
-        vocabularies = {len(c.tokenizer) for c in members.values()}
-        if len(vocabularies) > 1:
-            raise ValueError(f"combine: logprob_mean needs one tokenizer; the members' vocabularies differ ({sorted(vocabularies)})")
-        tok = next(iter(members.values())).tokenizer
+        first, *others = members.values()
+        if any(c.tokenizer.get_vocab() != first.tokenizer.get_vocab() for c in others):
+            raise ValueError("combine: logprob_mean averages next-token log-probs, so the members need one vocabulary; "
+                             "theirs differ (use combine: vote)")
+        if not all(hasattr(c, "model") for c in members.values()):
+            raise ValueError("combine: logprob_mean needs the members' weights in this process (the local backend)")
+        tok = first.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        out = logprob_mean_greedy([c.model.eval() for c in members.values()], tokens, cfg.max_tokens, pad, [tok.eos_token_id])
+        out = logprob_mean_greedy([c.model.eval() for c in members.values()], tokens[cfg.members[0]], cfg.max_tokens, pad,
+                                  [tok.eos_token_id])
         texts = [tok.decode(t, skip_special_tokens=True) for t in out]
     ens = np.array([r.grader(t, p.reference)[0] for t, p in zip(texts, r.prompts)], float)
     best = max(correct, key=lambda s: correct[s].mean())
@@ -111,7 +120,7 @@ def run(r: SuiteRun) -> dict:
         f"self_consistency/maj@{cfg.k}": (maj_t, maj_s), "self_consistency/sample_accuracy": (mean_t, mean_s),
         "self_consistency/greedy_accuracy": (greedy_t, greedy_s),
         f"self_consistency/maj@{cfg.k}_minus_greedy": (maj_t - greedy_t, maj_s - greedy_s)}, cfg)}
-    return report | (ensemble(r, tokens) if cfg.members else {})
+    return report | (ensemble(r) if cfg.members else {})
 
 
 SUITE = Suite(name="self_consistency", config=SelfConsistencyConfig, run=run, version="1",

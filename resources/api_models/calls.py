@@ -17,14 +17,15 @@ import time
 from collections import deque
 from pathlib import Path
 
-from pydantic import BaseModel, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from dagster import Config
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from resources.api_models.providers import (Answer, MalformedAnswer, Provider, ProviderError, close_client, complete,
                                             make_client)
 from resources.store.artifact_store import atomic_write_text
 
 
-class CallSettings(BaseModel):
+class CallSettings(Config):
     max_concurrency: PositiveInt = Field(default=8, description="calls in flight at once")
     requests_per_minute: NonNegativeFloat = Field(default=0, description="most attempts started per minute; 0: no limit")
     retries: NonNegativeInt = Field(default=4, description="retries of a 429, 5xx, transport error or malformed answer")
