@@ -20,7 +20,7 @@ from crucible_assets.gate import Gate, Guard  # noqa: F401 (recipes state their 
 from crucible_assets.evaluation import EvalConfig
 from crucible_assets.registration import registered_model_asset
 from crucible_assets.starting_model import starting_model_asset
-from crucible_assets.suites.assets import DEFAULT_SUITES, SUITES, eval_suite_asset
+from crucible_assets.suites.assets import DEFAULT_SUITES, SUITES, eval_suite_asset, suite_stage
 from crucible_assets.sweeps.assets import SWEEP_STAGES, sweep_assets, sweep_job
 from crucible_assets.train.algorithm import Algorithm
 from crucible_assets.train.checkpoint import checkpoint_asset
@@ -88,7 +88,7 @@ def recipe_assets(recipe: Recipe) -> list:
         champion_eval_asset(name, algorithm, recipe.evaluate or algorithm.eval_config, recipe.gate.metric),
         *(eval_suite_asset(name, algorithm, SUITES[s]) for s in recipe.suites),
         registered_model_asset(name, recipe.lineage_edge, recipe.gate.metric, recipe.gate.higher_is_better,
-                               recipe.lineage_stage, recipe.suites),
+                               recipe.lineage_stage, tuple(suite_stage(s) for s in recipe.suites)),
         *sweep_assets(name, algorithm, recipe.train, recipe.evaluate or algorithm.eval_config, recipe.gate.metric,
                       recipe.gate.higher_is_better),
     ]

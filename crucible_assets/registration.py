@@ -67,11 +67,11 @@ def run_summary(recipe: str, report: dict, metric: str, version: int, aliases: l
 
 
 def registered_model_asset(recipe: str, lineage_edge: str, metric: str, higher_is_better: bool, lineage_stage: str,
-                           suites: tuple[str, ...] = ()):
+                           suites: tuple[str, ...] = ()):  # the eval suites' stages
     """`metric` (from the eval report) is what the promotion gate compares with the champion's;
     `lineage_edge` points at the model snapshot `lineage_stage` (the start, or a teacher);
     each eval suite's report is a section of the model card."""
-    suite_ins = {f"eval_{s}": AssetIn(key=key(recipe, f"eval_{s}")) for s in suites}
+    suite_ins = {stage: AssetIn(key=key(recipe, stage)) for stage in suites}
 
     @asset(key=key(recipe, "registered_model"), group_name=recipe, code_version="4", kinds={"huggingface"},
            ins={"checkpoint": AssetIn(key=key(recipe, "checkpoint")), "eval_report": AssetIn(key=key(recipe, "eval_report")),

@@ -15,6 +15,7 @@ from crucible_jobs.schedules import recipe_schedule
 from crucible_jobs.sensors import drop_folder_sensor, feedback_sensors
 from crucible_jobs.sweeps import sweep_launch_job
 from recipes import RECIPES
+from resources.api_models.resource import ApiModelsResource
 from resources.backends.resource import TrainingBackendResource
 from resources.store.artifact_store import ArtifactStore
 from resources.store.registry import ModelRegistry
@@ -57,6 +58,7 @@ def build_defs(executor: ExecutorDefinition = in_process_executor) -> Definition
             "registry": ModelRegistry(),
             "backend": TrainingBackendResource(),
             "tracking": TrackingResource(),  # MLflow / TensorBoard sinks, off unless run config turns them on
+            "models": ApiModelsResource(),  # a hosted judge (judge_eval), unset unless run config names one
             "io_manager": ArtifactIOManager(store=store),
         },
     )

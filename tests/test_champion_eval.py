@@ -7,7 +7,7 @@ import random
 
 from conftest import run_job
 from crucible_assets.champion_eval import vocabulary_difference
-from crucible_assets.suites.assets import DEFAULT_SUITES
+from crucible_assets.suites.assets import DEFAULT_SUITES, suite_stage
 from crucible_jobs.cli import main as crucible
 from resources.store.artifact_store import ArtifactStore
 from resources.store.registry import ModelRegistry
@@ -34,7 +34,7 @@ def conversations(n: int) -> list[dict]:
 
 
 STAGES = ("base_model", "dataset", "tokenized", "checkpoint", "eval_report", "champion_eval", "registered_model",
-          *(f"eval_{s}" for s in DEFAULT_SUITES))
+          *map(suite_stage, DEFAULT_SUITES))
 
 
 def run_chat_sl(start, **dataset):

@@ -13,7 +13,7 @@ from resources.store.artifact_store import ArtifactStore
 from resources.store.registry import ModelRegistry
 
 STAGES = ["teacher", "base_model", "dataset", "tokenized", "teacher_samples", "checkpoint", "eval_report", "registered_model",
-          "eval_robustness", "eval_self_consistency", "eval_attribution"]
+          "eval_robustness", "eval_self_consistency", "eval_attribution", "judge_eval"]
 SELECTION = [AssetKey(["base", "tokenizer"]), AssetKey(["base", "tiny_llama_small"])] + [AssetKey(["distillation", s]) for s in STAGES]
 
 

@@ -19,7 +19,7 @@ from recipes import RECIPES
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "<!-- example-recipe:"
 STAGES = ("base_model", "dataset", "tokenized", "checkpoint", "eval_report", "champion_eval", "registered_model",
-          "eval_robustness", "eval_self_consistency", "eval_attribution")
+          "eval_robustness", "eval_self_consistency", "eval_attribution", "judge_eval")
 
 
 def doc_example() -> str:
@@ -60,7 +60,7 @@ def test_doc_example_recipe_builds(discovered, monkeypatch):
     sweep_job = repo.get_job(f"{name}_sweep")  # a sweep of the new recipe needs nothing more either
     assert {k.to_user_string() for k in sweep_job.asset_layer.executable_asset_keys} == (
         group - {f"{name}/{s}" for s in ("checkpoint", "eval_report", "champion_eval", "registered_model", "eval_robustness",
-                                          "eval_self_consistency", "eval_attribution")}
+                                          "eval_self_consistency", "eval_attribution", "judge_eval")}
         | swept - {f"{name}/sweep_report"} | {"base/tokenizer", "base/tiny_llama"})
 
     checks = {(ck.asset_key.to_user_string(), ck.name): ck for ck in repo.asset_graph.asset_check_keys}

@@ -174,3 +174,73 @@ def key_of(name: str):
     from dagster import AssetKey
 
     return AssetKey.from_user_string(name)
+
+
+@pytest.mark.parametrize("first, second, score", [("A", "B", 1.0), ("B", "A", 0.0), ("tie", "tie", 0.5), ("A", "A", 0.5),
+                                                  (None, "A", 0.25), ("B", None, 0.25)])
+def test_a_trained_answers_score_is_averaged_over_both_orders(first, second, score):
+    from crucible_assets.suites.judge import trained_score
+
+    assert trained_score(first, second) == score
+
+
+@pytest.mark.parametrize("reply, parsed", [("A", "A"), (" b.", "B"), ("Tie", "tie"), ("**A** is better", "A"),
+                                           ("Answer A", None), ("", None), ("Both are fine", None)])
+def test_the_judges_verdict_is_its_first_word(reply, parsed):
+    from crucible_assets.suites.judge import verdict
+
+    assert verdict(reply) == parsed
+
+
+def test_judge_eval_runs_against_a_stand_in_and_a_rerun_makes_no_call(homes, monkeypatch):
+    """A judge that always says "A" has only position bias: both orders cancel it to a win rate
+    of exactly 0.5, and no verdict pair agrees. A second build of the asset (another bootstrap
+    setting) asks nothing again: every call is a cache hit."""
+    import copy
+    import json
+
+    from api_standins import BASE_URLS, KEY, StandIn, serve
+    from conftest import TINY_RUN_CONFIG, run_job
+    from resources.store.artifact_store import ArtifactStore
+
+    assert run_job("sl_basic", TINY_RUN_CONFIG).success
+    stand_in = StandIn()
+    stand_in.answer = lambda provider, messages: "A"
+    base, stop = serve(stand_in)
+    monkeypatch.setenv("JUDGE_KEY", KEY)
+    config = copy.deepcopy(TINY_RUN_CONFIG)
+    config["resources"] = {**config["resources"], "models": {"config": {
+        "provider": "anthropic", "model": "judge-1", "base_url": BASE_URLS["anthropic"].format(base=base), "key_variable": "JUDGE_KEY"}}}
+    config["ops"]["sl_basic__judge_eval"] = {"config": {"enabled": True, "num_prompts": 8, "max_tokens": 8}}
+    try:
+        assert run_job("sl_basic", config, assets=["sl_basic/judge_eval"]).success
+        assert stand_in.calls["anthropic"] == 16
+        config["ops"]["sl_basic__judge_eval"]["config"]["bootstrap_samples"] = 200
+        assert run_job("sl_basic", config, assets=["sl_basic/judge_eval"]).success
+        assert stand_in.calls["anthropic"] == 16
+    finally:
+        stop()
+    report = json.loads((ArtifactStore().latest("sl_basic/judge_eval").dir / "report.json").read_text())
+    assert report["judge/win_rate"] == report["start/judge/win_rate"] == 0.5 and report["judge/position_consistent"] == 0.0
+    assert report["judge/usage"]["cache_hits"] == 16 and report["judge/usage"]["calls"] == 0
+    stored = [p.read_text() for p in ArtifactStore().base.rglob("*") if p.is_file() and p.suffix in (".json", ".md", ".jsonl")]
+    assert len([t for t in stored if '"judge-1"' in t]) >= 16 and not any(KEY in t for t in stored)  # the key is nowhere
+
+
+def test_a_judge_without_its_key_fails_before_any_asset_runs(homes, monkeypatch):
+    import copy
+
+    from conftest import TINY_RUN_CONFIG, run_job
+    from resources.store.artifact_store import ArtifactStore
+
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    config = copy.deepcopy(TINY_RUN_CONFIG)
+    config["resources"] = {**config["resources"], "models": {"config": {"provider": "anthropic", "model": "judge-1"}}}
+    config["ops"]["sl_basic__judge_eval"] = {"config": {"enabled": True}}
+    result = run_job("sl_basic", config, raise_on_error=False)
+    assert not result.success
+    kinds = [e.event_type_value for e in result.all_events]
+    assert "RESOURCE_INIT_FAILURE" in kinds and "STEP_START" not in kinds  # resources start with the run, before any step
+    (failure,) = [e for e in result.all_events if e.event_type_value == "RESOURCE_INIT_FAILURE"]
+    assert "ANTHROPIC_API_KEY, which is not set" in str(failure.event_specific_data.error)
+    assert not (ArtifactStore().base / "objects").exists()

@@ -1,4 +1,4 @@
-"""`<recipe>/eval_<suite>`: one eval suite (robustness, self_consistency, attribution) of the
+"""`<recipe>/eval_<suite>`: one eval suite (robustness, self_consistency, attribution; judge_eval) of the
 trained checkpoint against the starting model on the held-out prompts, cached like every
 asset; report.json, report.md (the section the registered model's card carries) and its
 plots, shown in the UI as the eval report is. A recipe lists its suites in its spec."""
@@ -10,22 +10,23 @@ from dagster import AssetExecutionContext, AssetIn, Output, asset
 
 from crucible_assets.caching import cached_artifact, key
 from crucible_assets.evaluation import comparison_rows, table_lines
-from crucible_assets.suites import attribution, robustness, self_consistency
+from crucible_assets.suites import attribution, judge, robustness, self_consistency
 from crucible_assets.suites.prompts import grader_for, held_out_prompts
 from crucible_assets.suites.suite import Suite, SuiteConfig, SuiteRun
 from crucible_assets.tokenizing import read_stop
 from crucible_assets.train.algorithm import Algorithm
+from resources.api_models.resource import ApiModelsResource
 from resources.backends.resource import TrainingBackendResource
 from resources.store.artifact_store import ArtifactRef, ArtifactStore
 from resources.store.registry import ModelRegistry
 
-SUITES: dict[str, Suite] = {s.name: s for s in (robustness.SUITE, self_consistency.SUITE, attribution.SUITE)}
+SUITES: dict[str, Suite] = {s.name: s for s in (robustness.SUITE, self_consistency.SUITE, attribution.SUITE, judge.SUITE)}
 DEFAULT_SUITES = tuple(SUITES)
 STAGES = ("checkpoint", "base_model", "tokenized", "dataset")
 
 
 def suite_stage(name: str) -> str:
-    return f"eval_{name}"
+    return SUITES[name].asset_stage
 
 
 def suite_markdown(suite: Suite, report: dict) -> str:
@@ -56,6 +57,12 @@ def skipped(backend: TrainingBackendResource, suite: Suite, config: SuiteConfig,
     return None
 
 
+def judge_problem(suite: Suite, config: SuiteConfig, models: ApiModelsResource) -> str | None:
+    if suite is judge.SUITE and config.enabled and not models.model:
+        return "judge_eval is enabled but no judge is configured: resources: models: config: {provider, model}"
+    return None
+
+
 def check_members(recipe: str, config: SuiteConfig) -> list[str]:
     """An ensemble's members, refused before any work where they cannot make a fair report."""
     members = list(getattr(config, "members", []))
@@ -71,10 +78,10 @@ def check_members(recipe: str, config: SuiteConfig) -> list[str]:
 
 
 def eval_suite_asset(recipe: str, algorithm: Algorithm, suite: Suite):
-    @asset(key=key(recipe, suite_stage(suite.name)), group_name=recipe, code_version=suite.version, kinds={"json"},
+    @asset(key=key(recipe, suite.asset_stage), group_name=recipe, code_version=suite.version, kinds={"json"},
            ins={s: AssetIn(key=key(recipe, s)) for s in STAGES}, description=f"{suite.title}. {suite.note}")
     def _suite(context: AssetExecutionContext, config: suite.config, store: ArtifactStore, backend: TrainingBackendResource,
-               registry: ModelRegistry, **inputs: ArtifactRef) -> Output[ArtifactRef]:
+               registry: ModelRegistry, models: ApiModelsResource, **inputs: ArtifactRef) -> Output[ArtifactRef]:
         # an ensemble's members are inputs: a member re-registered under its alias is another report
         members = {spec: registry.resolve(spec)["fingerprint"] for spec in check_members(recipe, config)} if config.enabled else {}
 
@@ -83,6 +90,9 @@ def eval_suite_asset(recipe: str, algorithm: Algorithm, suite: Suite):
             if missing := [s for s, ref in refs.items() if ref is None]:
                 raise FileNotFoundError(f"ensemble members {missing} are in the registry but not in the store")
             return {s: backend.create_training_client(store.open_verified(ref), 0, config.seed) for s, ref in refs.items()}
+
+        if problem := judge_problem(suite, config, models):
+            raise ValueError(problem)
 
         def build(out: Path, _work: Path) -> dict:
             prompts = held_out_prompts(inputs["dataset"].dir, config.num_prompts)
@@ -96,13 +106,18 @@ def eval_suite_asset(recipe: str, algorithm: Algorithm, suite: Suite):
                     trained=trained, start=backend.create_training_client(inputs["base_model"].dir, 0, config.seed),
                     tokenizer=trained.tokenizer, prompts=prompts, renderer=renderer, stop=read_stop(inputs["tokenized"]),
                     grader=grader_for(algorithm.train_config(**trained_with["config"])), config=config, out=out,
-                    members=load_members))
+                    members=load_members, judge=lambda: models.client(store)))
             (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
             (out / "report.md").write_text(suite_markdown(suite, report))
             shown = {k: v for k, v in report.items() if k not in ("samples", "examples")}
+            if "judge/usage" in report:  # calls, cache hits, tokens, cost: each its own number in the UI
+                shown |= {f"judge/{k}": v for k, v in shown.pop("judge/usage").items() if isinstance(v, (int, float))}
             return shown | {"plots": [p for p in suite.plots if (out / p).exists()]}
 
+        # the judge is an input of what it judged (its calls are cached by content on their own: calls.py)
+        judged_by = {"provider": models.provider, "model": models.model} if suite is judge.SUITE and config.enabled else None
+        extra = {k: v for k, v in (("members", members), ("judge", judged_by)) if v}
         return cached_artifact(context, store, config=config.model_dump(), upstream=dict(inputs), build=build,
-                               backend=backend.identity(), extra_inputs={"members": members} if members else None)
+                               backend=backend.identity(), extra_inputs=extra or None)
 
     return _suite

@@ -36,6 +36,7 @@ class SuiteRun:
     config: SuiteConfig
     out: Path
     members: Callable[[list[str]], dict[str, TrainingClient]] = field(default=lambda specs: {})
+    judge: Callable[[], Any] = field(default=lambda: None)  # the `models` resource's client (a hosted model)
 
 
 @dataclass(frozen=True)
@@ -47,3 +48,8 @@ class Suite:
     title: str
     note: str = ""  # how to read the table
     plots: tuple[str, ...] = ()  # PNGs `run` writes into out
+    stage: str = ""  # the asset's stage name; empty: eval_<name>
+
+    @property
+    def asset_stage(self) -> str:
+        return self.stage or f"eval_{self.name}"
