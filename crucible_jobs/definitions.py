@@ -6,7 +6,7 @@ import warnings
 
 from dagster import BetaWarning, Definitions, ExecutorDefinition, PreviewWarning, define_asset_job, in_process_executor
 
-from crucible_assets import feedback
+from crucible_assets import api_data, feedback
 from crucible_assets.base import BASE_ASSETS
 from crucible_assets.io_manager import ArtifactIOManager
 from crucible_assets.recipe import recipe_definitions
@@ -39,8 +39,10 @@ def with_owners_and_automation(spec):
     version (a new sl_basic model retrains chat_sl, then dpo); roots (datasets, the base
     tokenizer) change only through config, the drop folder or a schedule."""
     spec = spec.replace_attributes(owners=OWNERS)
-    # sweep points (partitioned) and a sweep's report are experiments a user runs, never retrained behind their back
-    followed = spec.deps and spec.partitions_def is None and spec.key.path[-1] != "sweep_report"
+    # sweep points (partitioned) and a sweep's report are experiments a user runs, never retrained behind their back;
+    # data written by a hosted model costs money per call: only a person starts it
+    followed = (spec.deps and spec.partitions_def is None and spec.key.path[-1] != "sweep_report"
+                and spec.group_name != api_data.GROUP)
     return spec.replace_attributes(automation_condition=FOLLOW_UPSTREAM) if followed else spec
 
 
@@ -49,8 +51,8 @@ def build_defs(executor: ExecutorDefinition = in_process_executor) -> Definition
     cluster (deploy/k8s/definitions.py, deploy/celery/definitions.py)."""
     store = ArtifactStore()
     shared = Definitions(
-        assets=BASE_ASSETS + feedback.assets,
-        jobs=[feedback_job, sweep_launch_job],
+        assets=BASE_ASSETS + feedback.assets + api_data.assets,
+        jobs=[feedback_job, sweep_launch_job, *api_data.jobs],
         schedules=[recipe_schedule(r.name) for r in RECIPES],
         sensors=[drop_folder_sensor(r.name) for r in RECIPES] + feedback_sensors() + [follow_upstream_sensor],
         resources={

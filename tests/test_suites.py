@@ -223,8 +223,10 @@ def test_judge_eval_runs_against_a_stand_in_and_a_rerun_makes_no_call(homes, mon
     report = json.loads((ArtifactStore().latest("sl_basic/judge_eval").dir / "report.json").read_text())
     assert report["judge/win_rate"] == report["start/judge/win_rate"] == 0.5 and report["judge/position_consistent"] == 0.0
     assert report["judge/usage"]["cache_hits"] == 16 and report["judge/usage"]["calls"] == 0
-    stored = [p.read_text() for p in ArtifactStore().base.rglob("*") if p.is_file() and p.suffix in (".json", ".md", ".jsonl")]
-    assert len([t for t in stored if '"judge-1"' in t]) >= 16 and not any(KEY in t for t in stored)  # the key is nowhere
+    cached = [p for p in (ArtifactStore().base / "api_calls").rglob("*.json")]
+    assert len(cached) == 16 and all('"judge-1"' in p.read_text() for p in cached)
+    written = [p for home in homes for p in home.rglob("*") if p.is_file()]  # the store, the registry, Dagster's event log
+    assert any(p.suffix == ".db" for p in written) and not [p for p in written if KEY.encode() in p.read_bytes()]
 
 
 def test_a_judge_without_its_key_fails_before_any_asset_runs(homes, monkeypatch):
