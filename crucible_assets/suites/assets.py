@@ -39,8 +39,8 @@ def suite_markdown(suite: Suite, report: dict) -> str:
         lines += ["Members (greedy accuracy): " + ", ".join(f"`{s}` {v:.3g}" for s, v in report["ensemble/members"].items()), ""]
     if "attribution/worst_completeness_gap" in report:
         lines += [f"Completeness: the worst relative gap over {report['num_prompts']} prompts is "
-                  f"{report['attribution/worst_completeness_gap']:.2g} (tolerance {report['tolerance']}, {report['steps']} steps); "
-                  f"{'holds' if report['attribution/completeness_holds'] else 'DOES NOT HOLD: raise steps'}. "
+                  f"{report['attribution/worst_completeness_gap']:.2g} (tolerance {report['tolerance']}, up to {report['steps']} "
+                  f"steps); {'holds' if report['attribution/completeness_holds'] else 'DOES NOT HOLD: raise max_steps'}. "
                   "Heat map: attribution.png.", ""]
     for e in report.get("examples", []):
         lines.append(f"- {e['perturbation']}: `{e['prompt']}`")
