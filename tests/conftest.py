@@ -110,6 +110,20 @@ def heavy_imports_after(code: str) -> tuple[list[str], str]:
     return ast.literal_eval(report), "\n".join(out)
 
 
+def execute_job(job: str, run_config: dict, homes, tmp_path: Path, **env) -> str:
+    """`dagster job execute -m crucible_jobs -j <job> -c <config>` in a subprocess, as a user runs
+    it, in these homes with `env` added (a key only there); its stderr, after it succeeded."""
+    import yaml
+
+    path = tmp_path / f"{job}.yaml"
+    path.write_text(yaml.safe_dump(config_for(job, run_config)))
+    done = subprocess.run([sys.executable, "-m", "dagster", "job", "execute", "-m", "crucible_jobs", "-j", job, "-c", str(path)],
+                          env=env_with(CRUCIBLE_HOME=str(homes[0]), DAGSTER_HOME=str(homes[1]), **env),
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
 def env_with(**extra) -> dict:
     env = dict(os.environ)
     env.update(extra)

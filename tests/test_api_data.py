@@ -1,6 +1,6 @@
 """Training data from hosted models, against the local stand-ins (tests/api_standins.py):
 teacher-written SFT data that chat_sl trains on, and judge-labelled pairs that dpo trains on,
-each a job; a second run makes zero calls."""
+each a job run from the CLI (`dagster job execute`); a second run makes zero calls."""
 
 import copy
 import json
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from api_standins import BASE_URLS, KEY, StandIn, serve
-from conftest import TINY_RUN_CONFIG, run_job
+from conftest import TINY_RUN_CONFIG, execute_job, run_job
 from resources.store.artifact_store import ArtifactStore
 
 
@@ -26,23 +26,21 @@ def shorter_answer(provider, messages):
 
 
 @pytest.mark.slow
-def test_teacher_written_sft_data_trains_chat_sl_and_a_rerun_makes_no_call(homes, monkeypatch, tiny):
+def test_teacher_written_sft_data_trains_chat_sl_and_a_rerun_makes_no_call(homes, monkeypatch, tiny, tmp_path):
     stand_in = StandIn()
     stand_in.answer = lambda provider, messages: "The sum is 42."
     base, stop = serve(stand_in)
-    monkeypatch.setenv("STAND_IN_KEY", KEY)
     config = copy.deepcopy(TINY_RUN_CONFIG)
     config["resources"] = {**config["resources"], "models": models_config("google", base)}
     config["ops"]["api_data__teacher_sft"] = {"config": {"num_prompts": 40, "max_tokens": 32}}
+    store = ArtifactStore()
     try:
-        assert run_job("teacher_sft", config).success
+        execute_job("teacher_sft", config, homes, tmp_path, STAND_IN_KEY=KEY)
         assert stand_in.calls["google"] == 40
-        assert run_job("teacher_sft", config).success  # a cache hit of the asset
-        config["ops"]["api_data__teacher_sft"]["config"]["max_tokens"] = 32  # same requests
-        store = ArtifactStore()
-        for p in (store.base / "refs" / "api_data").glob("teacher_sft.json"):
-            p.unlink()  # even with the asset's own record gone, its calls are in the cache
-        assert run_job("teacher_sft", config).success and stand_in.calls["google"] == 40
+        (store.base / "refs" / "api_data" / "teacher_sft.json").unlink()  # even with the asset's record gone,
+        (store.base / "manifests").rename(store.base / "manifests.old")  # and every manifest: its calls are cached
+        execute_job("teacher_sft", config, homes, tmp_path, STAND_IN_KEY=KEY)
+        assert stand_in.calls["google"] == 40
     finally:
         stop()
     sft = store.latest("api_data/teacher_sft")
@@ -57,22 +55,23 @@ def test_teacher_written_sft_data_trains_chat_sl_and_a_rerun_makes_no_call(homes
 
 
 @pytest.mark.slow
-def test_judge_labelled_pairs_train_dpo_and_a_rerun_makes_no_call(homes, monkeypatch, tiny):
+def test_judge_labelled_pairs_train_dpo_and_a_rerun_makes_no_call(homes, monkeypatch, tiny, tmp_path):
     stand_in = StandIn()
     stand_in.answer = shorter_answer
     base, stop = serve(stand_in)
-    monkeypatch.setenv("STAND_IN_KEY", KEY)
     config = copy.deepcopy(TINY_RUN_CONFIG)
     config["resources"] = {**config["resources"], "models": models_config("openai", base)}
     config["ops"] |= {"dpo__base_model": {"config": {"base_model": str(tiny)}},
                       "api_data__labelled_pairs": {"config": {"num_prompts": 30, "max_tokens": 12}}}
+    store = ArtifactStore()
     try:
-        assert run_job("labelled_pairs", config).success
-        calls = stand_in.calls["openai"]
-        assert calls == 60  # each prompt judged in both orders
-        store = ArtifactStore()
+        execute_job("labelled_pairs", config, homes, tmp_path, STAND_IN_KEY=KEY)
+        assert stand_in.calls["openai"] == 60  # each prompt judged in both orders
+        config["ops"]["api_data__labelled_pairs"]["config"]["seed"] = 0  # the same run again, from scratch but the cache
         (store.base / "refs" / "api_data" / "labelled_pairs.json").unlink()
-        assert run_job("labelled_pairs", config).success and stand_in.calls["openai"] == calls
+        (store.base / "manifests").rename(store.base / "manifests.old")
+        execute_job("labelled_pairs", config, homes, tmp_path, STAND_IN_KEY=KEY)
+        assert stand_in.calls["openai"] == 60
     finally:
         stop()
     pairs = store.latest("api_data/labelled_pairs")

@@ -192,7 +192,7 @@ def test_the_judges_verdict_is_its_first_word(reply, parsed):
     assert verdict(reply) == parsed
 
 
-def test_judge_eval_runs_against_a_stand_in_and_a_rerun_makes_no_call(homes, monkeypatch):
+def test_judge_eval_runs_against_a_stand_in_and_a_rerun_makes_no_call(homes, tmp_path):
     """A judge that always says "A" has only position bias: both orders cancel it to a win rate
     of exactly 0.5, and no verdict pair agrees. A second build of the asset (another bootstrap
     setting) asks nothing again: every call is a cache hit."""
@@ -200,23 +200,22 @@ def test_judge_eval_runs_against_a_stand_in_and_a_rerun_makes_no_call(homes, mon
     import json
 
     from api_standins import BASE_URLS, KEY, StandIn, serve
-    from conftest import TINY_RUN_CONFIG, run_job
+    from conftest import TINY_RUN_CONFIG, execute_job, run_job
     from resources.store.artifact_store import ArtifactStore
 
     assert run_job("sl_basic", TINY_RUN_CONFIG).success
     stand_in = StandIn()
     stand_in.answer = lambda provider, messages: "A"
     base, stop = serve(stand_in)
-    monkeypatch.setenv("JUDGE_KEY", KEY)
     config = copy.deepcopy(TINY_RUN_CONFIG)
     config["resources"] = {**config["resources"], "models": {"config": {
         "provider": "anthropic", "model": "judge-1", "base_url": BASE_URLS["anthropic"].format(base=base), "key_variable": "JUDGE_KEY"}}}
     config["ops"]["sl_basic__judge_eval"] = {"config": {"enabled": True, "num_prompts": 8, "max_tokens": 8}}
-    try:
-        assert run_job("sl_basic", config, assets=["sl_basic/judge_eval"]).success
+    try:  # from the CLI, the whole job: everything but judge_eval is a cache hit of the run above
+        execute_job("sl_basic", config, homes, tmp_path, JUDGE_KEY=KEY)
         assert stand_in.calls["anthropic"] == 16
         config["ops"]["sl_basic__judge_eval"]["config"]["bootstrap_samples"] = 200
-        assert run_job("sl_basic", config, assets=["sl_basic/judge_eval"]).success
+        execute_job("sl_basic", config, homes, tmp_path, JUDGE_KEY=KEY)
         assert stand_in.calls["anthropic"] == 16
     finally:
         stop()
