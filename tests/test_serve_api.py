@@ -41,7 +41,8 @@ def server(tiny, tmp_path_factory):
         publish(store, registry, "sl_basic", tiny, "a" * 64)
         registry.promote("sl_basic:1", "champion", "the first version")
         publish(store, registry, "sl_basic", perturbed(tiny, home / "other"), "b" * 64)
-        app = build("sl_basic", precision="fp32", threads=1, max_tokens=24, poll_seconds=0.2, registry=registry, store=store)
+        # threads left alone: torch's count is process-wide, and this fixture outlives the per-test restore
+        app = build("sl_basic", precision="fp32", max_tokens=24, poll_seconds=0.2, registry=registry, store=store)
         port = free_port()
         uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=uv.run, daemon=True)

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import TINY_RUN_CONFIG
+from crucible_assets.suites.assets import DEFAULT_SUITES, suite_stage
 from crucible_assets.sweeps import report, spec as sweeps
 from crucible_jobs import cli
 from crucible_jobs.sweeps import check, read_spec
@@ -154,7 +155,8 @@ def test_sweep_trains_each_point_once_and_reports_the_best(homes, tmp_path, caps
     best_point = sweeps.point_name(read_spec(path), {"learning_rate": 3e-3, "seed": 0})
     new = [json.loads((home / "store" / "manifests" / name).read_text())["key"]
            for name in {p.name for p in (home / "store" / "manifests").iterdir()} - trained]
-    assert sorted(new) == ["sl_basic/champion_eval", "sl_basic/registered_model"]  # no checkpoint, no eval report
+    suites = [f"sl_basic/{suite_stage(s)}" for s in DEFAULT_SUITES]  # the card's eval suites are built for the chosen point
+    assert sorted(new) == sorted(["sl_basic/champion_eval", "sl_basic/registered_model", *suites])  # no checkpoint, no eval report
     (version,) = ModelRegistry().models()["sl_basic"]["versions"]
     assert version["lineage"]["sweep"] == {"name": "lr", "point": best_point}
 

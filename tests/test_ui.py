@@ -161,10 +161,12 @@ def test_browser_shows_recipe_groups_checkpoint_metadata_and_plots(webserver, br
     browser.save_screenshot(str(SCREENSHOTS / "7_eval_robustness.png"))
 
     browser.get(f"{url}/assets/sl_basic/eval_attribution")
+    wait_for(browser, lambda d: "attribution/worst_completeness_gap" in body_text(d), "the attribution suite's metadata")
+    click_text(browser, "Show Markdown", "the attribution heat map's markdown")
     heatmap = wait_for(browser, lambda d: [i for i in d.find_elements(By.CSS_SELECTOR, "img[src^='data:image/png']")
-                                           if i.get_attribute("alt") == "attribution.png" and i.size["width"] > 300],
-                       "the attribution heat map")[0]
-    browser.execute_script("arguments[0].scrollIntoView({block: 'center', inline: 'nearest'});", heatmap)
+                                           if int(i.get_attribute("naturalWidth") or 0) > 0 and i.is_displayed()],
+                       "the attribution heat map, displayed")[0]
+    assert heatmap.get_attribute("alt") == "attribution.png" and heatmap.size["width"] > 300
     time.sleep(1)
     browser.save_screenshot(str(SCREENSHOTS / "8_eval_attribution.png"))
 

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
+from crucible_assets.suites.assets import SUITES, suite_stage
 from resources.store.artifact_store import atomic_write_text
 from resources.store.home import crucible_home
 
@@ -156,7 +157,7 @@ def run_config(spec: SweepSpec, point: str) -> dict[str, Any]:
     for stage, swept in (("checkpoint", "sweep_checkpoint"), ("eval_report", "sweep_eval")):
         if (settings := ops.pop(op(spec.recipe, stage), None)) is not None:
             ops[op(spec.recipe, swept)] = settings
-    for stage in ("champion_eval", "registered_model"):
+    for stage in ("champion_eval", "registered_model", *map(suite_stage, SUITES)):
         ops.pop(op(spec.recipe, stage), None)
     return config
 
