@@ -12,7 +12,7 @@ from dagster import AssetExecutionContext, AssetIn, AssetSelection, Config, Outp
 from pydantic import Field, PositiveInt
 
 from crucible_assets.caching import cached_artifact, key
-from crucible_assets.suites.judge import judge_request, verdict
+from crucible_assets.suites.judge import judge_request, question_text, verdict
 from crucible_assets.suites.prompts import as_prompt, render
 from crucible_assets.tokenizing import read_stop
 from resources.api_models.resource import ApiModelsResource
@@ -63,7 +63,7 @@ def labelled_pairs(context: AssetExecutionContext, config: LabelledPairsConfig, 
         groups = client.sample([render(client.tokenizer, renderer, p) for p in prompts], 2, params)
         answers = [[client.tokenizer.decode(s.tokens, skip_special_tokens=True).strip() for s in g] for g in groups]
         judge = models.client(store)
-        questions = ["\n".join(f"{m['role']}: {m['content']}" for m in p.messages) for p in prompts]
+        questions = [question_text(p) for p in prompts]
         replies = judge.complete([judge_request(q, a, b, 8) for q, (a, b) in zip(questions, answers)] +
                                  [judge_request(q, b, a, 8) for q, (a, b) in zip(questions, answers)])
         n, pairs, dropped = len(prompts), [], {"same_answer": 0, "inconsistent": 0}

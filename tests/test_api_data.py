@@ -17,6 +17,16 @@ def models_config(provider: str, base: str) -> dict:
                        "key_variable": "STAND_IN_KEY"}}
 
 
+def run_twice(job: str, config: dict, homes, tmp_path) -> None:
+    """The job from the CLI; then again with the asset's ref and every manifest gone, so it
+    re-executes and every call it makes must come from the cache."""
+    store = ArtifactStore()
+    execute_job(job, config, homes, tmp_path, STAND_IN_KEY=KEY)
+    (store.base / "refs" / "api_data" / f"{job}.json").unlink()
+    (store.base / "manifests").rename(store.base / "manifests.old")
+    execute_job(job, config, homes, tmp_path, STAND_IN_KEY=KEY)
+
+
 def shorter_answer(provider, messages):
     """A judge with a consistent taste: the shorter answer (a tie when equal)."""
     text = messages[-1]["content"]
@@ -35,12 +45,8 @@ def test_teacher_written_sft_data_trains_chat_sl_and_a_rerun_makes_no_call(homes
     config["ops"]["api_data__teacher_sft"] = {"config": {"num_prompts": 40, "max_tokens": 32}}
     store = ArtifactStore()
     try:
-        execute_job("teacher_sft", config, homes, tmp_path, STAND_IN_KEY=KEY)
-        assert stand_in.calls["google"] == 40
-        (store.base / "refs" / "api_data" / "teacher_sft.json").unlink()  # even with the asset's record gone,
-        (store.base / "manifests").rename(store.base / "manifests.old")  # and every manifest: its calls are cached
-        execute_job("teacher_sft", config, homes, tmp_path, STAND_IN_KEY=KEY)
-        assert stand_in.calls["google"] == 40
+        run_twice("teacher_sft", config, homes, tmp_path)
+        assert stand_in.calls["google"] == 40  # 40 the first time, none the second
     finally:
         stop()
     sft = store.latest("api_data/teacher_sft")
@@ -65,13 +71,8 @@ def test_judge_labelled_pairs_train_dpo_and_a_rerun_makes_no_call(homes, monkeyp
                       "api_data__labelled_pairs": {"config": {"num_prompts": 30, "max_tokens": 12}}}
     store = ArtifactStore()
     try:
-        execute_job("labelled_pairs", config, homes, tmp_path, STAND_IN_KEY=KEY)
-        assert stand_in.calls["openai"] == 60  # each prompt judged in both orders
-        config["ops"]["api_data__labelled_pairs"]["config"]["seed"] = 0  # the same run again, from scratch but the cache
-        (store.base / "refs" / "api_data" / "labelled_pairs.json").unlink()
-        (store.base / "manifests").rename(store.base / "manifests.old")
-        execute_job("labelled_pairs", config, homes, tmp_path, STAND_IN_KEY=KEY)
-        assert stand_in.calls["openai"] == 60
+        run_twice("labelled_pairs", config, homes, tmp_path)
+        assert stand_in.calls["openai"] == 60  # each prompt judged in both orders the first time, none the second
     finally:
         stop()
     pairs = store.latest("api_data/labelled_pairs")

@@ -9,7 +9,6 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from bench.serving import perturbed, publish
+from bench.serving import perturbed, publish, start_server
 from crucible_jobs.serving.server import build
 from resources.store.artifact_store import ArtifactStore
 from resources.store.registry import ModelRegistry
@@ -32,8 +31,6 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory):
     """sl_basic:1 (champion) and sl_basic:2 in a fresh home; the server follows sl_basic@champion."""
-    import uvicorn
-
     home = tmp_path_factory.mktemp("serve_home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CRUCIBLE_HOME", str(home))
@@ -43,17 +40,7 @@ def server(tiny, tmp_path_factory):
         publish(store, registry, "sl_basic", perturbed(tiny, home / "other"), "b" * 64)
         # threads left alone: torch's count is process-wide, and this fixture outlives the per-test restore
         app = build("sl_basic", precision="fp32", max_tokens=24, poll_seconds=0.2, registry=registry, store=store)
-        port = free_port()
-        uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=uv.run, daemon=True)
-        thread.start()
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        base, uv, thread = start_server(app)
         yield {"base": base, "registry": registry, "home": home}
         uv.should_exit = True
         thread.join(timeout=30)

@@ -21,6 +21,11 @@ JUDGE_SYSTEM = ("You compare two answers to the same question. Judge correctness
 VERDICT = re.compile(r"^\W*(A|B|tie)\b", re.IGNORECASE)
 
 
+def question_text(prompt) -> str:
+    """A conversation as the judge reads it: one `role: content` line per message."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt.messages)
+
+
 def judge_request(question: str, first: str, second: str, max_tokens: int) -> dict:
     return {"messages": [{"role": "system", "content": JUDGE_SYSTEM},
                          {"role": "user", "content": f"Question:\n{question}\n\nAnswer A:\n{first}\n\nAnswer B:\n{second}\n\n"
@@ -53,7 +58,7 @@ def run(r: SuiteRun) -> dict:
     tokens = [render(r.tokenizer, r.renderer, p) for p in r.prompts]
     trained = [a[0] for a in answers(r.trained, tokens, 1, cfg.max_tokens, 0.0, r.stop, cfg.seed)]
     start = [a[0] for a in answers(r.start, tokens, 1, cfg.max_tokens, 0.0, r.stop, cfg.seed)]
-    questions = ["\n".join(f"{m['role']}: {m['content']}" for m in p.messages) for p in r.prompts]
+    questions = [question_text(p) for p in r.prompts]
     requests = [judge_request(q, t, s, cfg.judge_max_tokens) for q, t, s in zip(questions, trained, start)] + \
                [judge_request(q, s, t, cfg.judge_max_tokens) for q, t, s in zip(questions, trained, start)]
     verdicts = [verdict(a.text) for a in judge.complete(requests)]

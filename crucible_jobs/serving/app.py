@@ -89,6 +89,7 @@ def create_app(served: Served) -> FastAPI:
         served.responses.close()
 
     app = FastAPI(title=f"crucible serve {served.spec}", lifespan=lifespan, docs_url=None, redoc_url=None)
+    routes: set[str] = set()  # filled once the routes below exist, not per request
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_req, e: OpenAIError):
@@ -101,7 +102,6 @@ def create_app(served: Served) -> FastAPI:
 
     @app.middleware("http")
     async def _count(request: HttpRequest, call_next):
-        routes = {r.path for r in app.routes}
         endpoint = request.url.path if request.url.path in routes else "other"  # a scanner's paths are not label values
         if served.api_key and request.url.path.startswith("/v1/"):
             given = request.headers.get("authorization", "")
@@ -259,6 +259,7 @@ def create_app(served: Served) -> FastAPI:
     async def prometheus():
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    routes.update(r.path for r in app.routes)
     return app
 
 
