@@ -3,7 +3,8 @@ and its KV cache repeated for the samples of each prompt, then one forward per n
 until every row has stopped. This is what `model.generate` does, without its per-token
 machinery (logits processors, stopping criteria objects, a second prefill per sample):
 for the small models and short answers of RL that machinery, not the matmuls, is most of
-a step. Shapes: N = prompts x samples (rows), P = padded prompt length, S = new tokens."""
+a step. The steps after the prefill run `LeanStep` where the architecture allows it.
+Shapes: N = prompts x samples (rows), P = padded prompt length, S = new tokens."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+
+from resources.backends.local.lean_step import LeanStep, supports
 
 
 @dataclass
@@ -33,8 +36,18 @@ def sample_tokens(logits_N_V: torch.Tensor, temperature: float, top_p: float, ge
             sorted_N_V, order_N_V = weights_N_V.sort(dim=-1, descending=True)
             outside_N_V = sorted_N_V.cumsum(dim=-1) - sorted_N_V > top_p  # the top token always stays
             weights_N_V = weights_N_V.scatter(-1, order_N_V, sorted_N_V.masked_fill(outside_N_V, 0.0))
-        ids_N = torch.multinomial(weights_N_V, 1, generator=gen).squeeze(-1)
+        ids_N = draw(weights_N_V, gen)
     return ids_N, logprobs_N_V.gather(-1, ids_N.unsqueeze(-1)).squeeze(-1)
+
+
+def draw(weights_N_V: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One id per row with probability proportional to its weight, by inverting the CDF: one
+    uniform number per row, where `torch.multinomial` draws one exponential per vocabulary
+    entry (measured: 45 us against 360 us to 5 ms for 64 rows of 1024). The CDF is float64
+    so a zero weight's empty interval stays empty."""
+    cdf_N_V = weights_N_V.double().cumsum(dim=-1)
+    u_N_1 = torch.rand(cdf_N_V.shape[0], 1, generator=gen, dtype=torch.float64, device=cdf_N_V.device) * cdf_N_V[:, -1:]
+    return torch.searchsorted(cdf_N_V, u_N_1, right=True).squeeze(-1).clamp_(max=cdf_N_V.shape[1] - 1)
 
 
 def decode(model, prompts: list[list[int]], num_samples: int, max_tokens: int, temperature: float, top_p: float,
@@ -60,6 +73,14 @@ def decode(model, prompts: list[list[int]], num_samples: int, max_tokens: int, t
     mask_N_P = mask_B_P.repeat_interleave(num_samples, dim=0)
     next_pos_N = positions_B_P[:, -1].repeat_interleave(num_samples) + 1
     logits_N_V = out.logits[:, -1].float().repeat_interleave(num_samples, dim=0)
+    if supports(model, P + max_tokens):
+        step = LeanStep(model, cache, mask_N_P, P + max_tokens)
+    else:
+        def step(ids_N: torch.Tensor, positions_N: torch.Tensor) -> torch.Tensor:
+            nonlocal mask_N_P
+            mask_N_P = torch.cat([mask_N_P, torch.ones(N, 1, dtype=mask_N_P.dtype, device=device)], dim=1)
+            return model(input_ids=ids_N.unsqueeze(-1), attention_mask=mask_N_P, position_ids=positions_N.unsqueeze(-1),
+                         use_cache=True, **{cache_arg: cache}).logits[:, -1]
 
     gen = torch.Generator(device=device).manual_seed(seed)
     stop_ids_t = torch.tensor(stop_ids, dtype=torch.long, device=device)
@@ -83,11 +104,8 @@ def decode(model, prompts: list[list[int]], num_samples: int, max_tokens: int, t
         done_N |= stops_N
         if bool(done_N.all()) or s == max_tokens - 1:
             break
-        mask_N_P = torch.cat([mask_N_P, torch.ones(N, 1, dtype=mask_N_P.dtype, device=device)], dim=1)
-        out = model(input_ids=ids_N.unsqueeze(-1), attention_mask=mask_N_P, position_ids=next_pos_N.unsqueeze(-1),
-                    use_cache=True, **{cache_arg: cache})
+        logits_N_V = step(ids_N, next_pos_N).float()
         next_pos_N = next_pos_N + 1
-        logits_N_V = out.logits[:, -1].float()
     return Decoded(torch.stack(tokens, dim=1).cpu(), torch.stack(logprobs, dim=1).cpu(), stopped_at)
 
 
