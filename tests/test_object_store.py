@@ -1,7 +1,8 @@
 """The artifact store on object storage: sl_basic up to its checkpoint with CRUCIBLE_STORE
 an s3:// URL on a local S3-compatible server (moto). Artifacts land in the bucket, a second
-machine (a fresh CRUCIBLE_HOME) gets every asset as a cache hit from the bucket, and the
-audit checks the bucket's bytes and names a corrupted one."""
+machine (a fresh CRUCIBLE_HOME) gets every asset as a cache hit from the bucket, large files
+are stored once under files/<sha256>, and the audit checks the bucket's bytes and names each
+file that reads a corrupted one."""
 
 import json
 
@@ -28,7 +29,12 @@ def test_artifacts_stored_cached_and_audited_on_s3(homes, s3_url, tmp_path, monk
     manifest = json.loads(bucket.cat_file(f"{root}/manifests/{ref.fingerprint}.json"))
     assert manifest["content_hash"] == ref.content_hash
     stored = {p.removeprefix(f"{root}/objects/{ref.content_hash}/") for p in bucket.find(f"{root}/objects/{ref.content_hash}")}
-    assert stored == set(manifest["files"]) and "model/model.safetensors" in stored
+    large = {"model/model.safetensors", "state/model/model.safetensors", "state/optimizer.safetensors"}
+    assert stored == set(manifest["files"]) - large  # the large files are stored once for the store, by content
+    weights_sha = manifest["files"]["model/model.safetensors"]
+    assert manifest["files"]["state/model/model.safetensors"] == weights_sha  # the resumable state's copy is the same object
+    shared = {p.removeprefix(f"{root}/files/") for p in bucket.find(f"{root}/files")}
+    assert {weights_sha, manifest["files"]["state/optimizer.safetensors"]} <= shared
     assert json.loads(bucket.cat_file(f"{root}/refs/sl_basic/checkpoint.json"))["content_hash"] == ref.content_hash
     assert bucket.find(f"{root}/tmp") == []  # every upload was moved out of its temp key
 
@@ -40,10 +46,11 @@ def test_artifacts_stored_cached_and_audited_on_s3(homes, s3_url, tmp_path, monk
     assert ArtifactStore().latest_verified("sl_basic/checkpoint").dir.is_relative_to(tmp_path / "second_machine")
 
     assert crucible(["audit", "sl_basic/checkpoint"]) == 0
-    weights = f"{root}/objects/{ref.content_hash}/model/model.safetensors"
+    weights = f"{root}/files/{weights_sha}"
     data = bytearray(bucket.cat_file(weights))
     data[-1] ^= 0xFF
     bucket.pipe_file(weights, bytes(data))
     capsys.readouterr()
     assert crucible(["audit", "sl_basic/checkpoint"]) == 1
-    assert "model/model.safetensors" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "model/model.safetensors" in out and "state/model/model.safetensors" in out  # both read the damaged copy

@@ -78,3 +78,43 @@ def test_verify_checks_the_remote_bytes_and_a_corrupt_object_is_never_loaded(rem
     other = ArtifactStore(root=URL)
     with pytest.raises(IntegrityError, match="metrics.jsonl"):
         other.open_verified(other.lookup("ab12"))
+
+
+def test_a_large_file_is_stored_once_remotely_and_checked_by_its_bytes(remote, tmp_path, monkeypatch):
+    """Two artifacts holding the same weights (a checkpoint and its registered model) put one
+    remote copy under files/<sha256>; another machine reads both; a damaged shared copy fails
+    every artifact that holds it, in verify and in open_verified."""
+    weights = bytes(range(256)) * 512  # 128 KiB: over SHARED_MIN_BYTES
+
+    def with_weights(note: str):
+        def build(out):
+            (out / "model.safetensors").write_bytes(weights)
+            (out / "note.txt").write_text(note)
+        return build
+
+    store = ArtifactStore(root=URL)
+    first = store.write("r/checkpoint", "ab12", with_weights("checkpoint"), {"config": {}})
+    second = store.write("r/registered", "cd34", with_weights("registered"), {"config": {}})
+    sha = store.manifest("ab12")["files"]["model.safetensors"]
+    assert set(remote.find("/bucket/store/files")) == {f"/bucket/store/files/{sha}"}
+    for ref in (first, second):
+        assert set(remote.find(f"/bucket/store/objects/{ref.content_hash}")) == {
+            f"/bucket/store/objects/{ref.content_hash}/note.txt"}
+        assert store.verify(ref) == []
+    stored = sum(info["size"] for info in remote.find("/bucket/store", detail=True).values())
+    assert stored < 1.1 * len(weights)  # one copy of the weights, not two
+
+    monkeypatch.setenv("CRUCIBLE_HOME", str(tmp_path / "second_machine"))
+    other = ArtifactStore(root=URL)
+    for fp, note in (("ab12", "checkpoint"), ("cd34", "registered")):
+        path = other.open_verified(other.lookup(fp))
+        assert (path / "model.safetensors").read_bytes() == weights and (path / "note.txt").read_text() == note
+    assert (path / "model.safetensors").stat().st_nlink == 3  # both objects and the cache's files/ copy
+
+    remote.pipe_file(f"/bucket/store/files/{sha}", weights[:-1] + b"\x00")
+    assert store.verify(first) == store.verify(second) == ["model.safetensors"]
+    monkeypatch.setenv("CRUCIBLE_HOME", str(tmp_path / "third_machine"))
+    with pytest.raises(IntegrityError, match="model.safetensors"):
+        ArtifactStore(root=URL).open_verified(ArtifactStore(root=URL).lookup("cd34"))
+    remote.rm(f"/bucket/store/files/{sha}")
+    assert store.verify(first) == ["model.safetensors"]  # missing shows as missing

@@ -28,6 +28,8 @@ its registered model and the next recipe's base model. On local disk each file o
 SHARED_MIN_BYTES is stored once under files/<sha256> and every object holding it is a hard
 link to that copy (where the filesystem has hard links); an object's manifest, its hash
 and `open_verified` are unchanged, and gc drops a shared file once no object links to it.
+A remote store keeps them once under its own files/<sha256> (object_store.py), and a machine's
+cache of it links what it fetches into its local files/ the same way.
 """
 
 from __future__ import annotations
@@ -298,7 +300,7 @@ class ArtifactStore(ConfigurableResource):
         }
         text = json.dumps(manifest, indent=1, sort_keys=True, default=str)
         if self.remote:  # files first, manifest last: the remote commit point
-            self.remote.publish_dir(obj, f"objects/{content_hash}")
+            self.remote.publish_dir(obj, f"objects/{content_hash}", files)
         self._put_text(self._manifest_path(fp), text)
         shutil.rmtree(self.base / "work" / fp, ignore_errors=True)
         return self._ref(manifest)
@@ -342,13 +344,16 @@ class ArtifactStore(ConfigurableResource):
         """Files whose bytes in the store no longer match the manifest (missing, extra or
         changed); with a URL root, the remote bytes."""
         if self.remote:
-            return self._mismatches(ref, self.remote.file_hashes(f"objects/{ref.content_hash}"))
+            files = self.manifest(ref.fingerprint)["files"]
+            return self._mismatches(ref, self.remote.file_hashes(f"objects/{ref.content_hash}", files))
         return self._mismatches(ref, hash_tree(ref.dir)[1] if ref.dir.is_dir() else {})
 
     def _pull_object(self, ref: ArtifactRef) -> None:
         staging = self.staging_dir()
         try:
-            self.remote.fetch_dir(f"objects/{ref.content_hash}", staging)
+            files = self.manifest(ref.fingerprint)["files"]
+            self.remote.fetch_dir(f"objects/{ref.content_hash}", staging, files)
+            share_files(staging, files, self.base / "files")  # this machine's cache stores each file once too
             ref.dir.parent.mkdir(parents=True, exist_ok=True)
             os.rename(staging, ref.dir)
         except OSError as e:

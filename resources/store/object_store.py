@@ -7,7 +7,10 @@ read-after-write consistent. Files are uploaded under tmp/<uuid>/ and then moved
 final keys; a manifest or ref is one object, written to a temp key and moved into place, and
 the store writes an artifact's manifest only after every one of its files is in place. A
 reader that finds a manifest therefore finds the whole artifact; a writer that dies midway
-leaves unreferenced keys under tmp/ or objects/, never a manifest pointing at missing bytes.
+leaves unreferenced keys under tmp/, objects/ or files/, never a manifest pointing at missing
+bytes. Large files are stored once per store under files/<sha256>, as on local disk
+(resources/store/shared_files.py): a checkpoint's weights, the registered model and the next
+recipe's base model are one object, not three.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import uuid
 from pathlib import Path
 
 import fsspec
+
+from resources.store.shared_files import SHARED_MIN_BYTES
 
 
 class RemoteTree:
@@ -45,32 +50,61 @@ class RemoteTree:
         self.fs.pipe_file(tmp, text.encode())
         self.fs.mv(tmp, self._path(rel))
 
-    def publish_dir(self, local_dir: Path, rel: str) -> None:
-        """Upload a finished artifact; a complete copy already there (same names and sizes:
-        the key is the content hash) is kept as it is."""
-        local = {p.relative_to(local_dir).as_posix(): p.stat().st_size for p in local_dir.rglob("*") if p.is_file()}
-        if self._files(rel) == local:
+    def publish_dir(self, local_dir: Path, rel: str, files: dict[str, str]) -> None:
+        """Upload a finished artifact (`files`: its manifest's name -> sha256). Each file of
+        at least SHARED_MIN_BYTES goes to files/<sha256> once for the whole store, as on local
+        disk, and is skipped when already there; the rest go under `rel`. A complete copy
+        already there (the key is the content hash) is kept as it is."""
+        sizes = {name: (local_dir / name).stat().st_size for name in files}
+        shared = {name for name, size in sizes.items() if size >= SHARED_MIN_BYTES}
+        own = {name: size for name, size in sizes.items() if name not in shared}
+        uploads = {f"{rel}/{name}": name for name in own} if self._files(rel) != own else {}
+        for name in sorted(shared):
+            key = f"files/{files[name]}"
+            if self._size(key) != sizes[name]:
+                uploads[key] = name
+        if not uploads:
             return
         staging = f"tmp/{uuid.uuid4().hex}"
-        names = sorted(local)
-        self.fs.put([str(local_dir / n) for n in names], [self._path(f"{staging}/{n}") for n in names])
-        self.fs.mv([self._path(f"{staging}/{n}") for n in names], [self._path(f"{rel}/{n}") for n in names])
+        keys = sorted(uploads)
+        self.fs.put([str(local_dir / uploads[k]) for k in keys], [self._path(f"{staging}/{k}") for k in keys])
+        self.fs.mv([self._path(f"{staging}/{k}") for k in keys], [self._path(k) for k in keys])
 
-    def fetch_dir(self, rel: str, local_dir: Path) -> None:
-        names = sorted(self._files(rel))
-        if not names:
+    def _size(self, rel: str) -> int | None:
+        try:
+            return self.fs.info(self._path(rel))["size"]
+        except FileNotFoundError:
+            return None
+
+    def _sources(self, rel: str, files: dict[str, str]) -> dict[str, str]:
+        """Where each file of the artifact under `rel` lies: its own key, or files/<sha256>
+        for one stored once for the store (an artifact published before sharing has all its
+        own). Files under `rel` the manifest does not list are included, so checks see them."""
+        own = self._files(rel)
+        return {name: f"{rel}/{name}" if name in own else f"files/{sha}" for name, sha in files.items()} | {
+            name: f"{rel}/{name}" for name in own if name not in files}
+
+    def fetch_dir(self, rel: str, local_dir: Path, files: dict[str, str]) -> None:
+        sources = self._sources(rel, files)
+        if not sources:
             raise FileNotFoundError(f"{self._path(rel)} holds no files in {self.url}")
+        names = sorted(sources)
         for n in names:
             (local_dir / n).parent.mkdir(parents=True, exist_ok=True)
-        self.fs.get([self._path(f"{rel}/{n}") for n in names], [str(local_dir / n) for n in names])
+        self.fs.get([self._path(sources[n]) for n in names], [str(local_dir / n) for n in names])
 
-    def file_hashes(self, rel: str) -> dict[str, str]:
-        """sha256 of every object under `rel`, streamed from the store (what an audit checks)."""
+    def file_hashes(self, rel: str, files: dict[str, str]) -> dict[str, str]:
+        """sha256 of every file of the artifact under `rel`, streamed from the store (what an
+        audit checks): a shared file is hashed from its files/<sha256> copy, never trusted by
+        its name; one that is missing is left out, so it shows as missing."""
         hashes = {}
-        for name in self._files(rel):
+        for name, source in self._sources(rel, files).items():
             h = hashlib.sha256()
-            with self.fs.open(self._path(f"{rel}/{name}"), "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
+            try:
+                with self.fs.open(self._path(source), "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+            except FileNotFoundError:
+                continue
             hashes[name] = h.hexdigest()
         return hashes
