@@ -25,7 +25,7 @@ def mfu_rows(sft: Row, w, machine: dict) -> list[Row]:
                "peak fp32 GFLOP/s": machine["peak_fp32_flops"] / 1e9, "peak bf16 GFLOP/s": machine["peak_bf16_flops"] / 1e9,
                "parameters": w.parameters, "MFLOP per token": per_token / 1e6}
     return [Row("MFU", f"SFT training FLOP/s / measured {precision} matmul peak", achieved / peak, 0.5, details=details,
-                limit="matrix multiplies are about 70% of a step and, at this model's shapes (a few hundred packed "
+                profile=sft.profile, limit="matrix multiplies are about 70% of a step and, at this model's shapes (a few hundred packed "
                 "rows by 384 or 1024), run at 60-90% of the 1024x1024 peak per thread (weight gradients slowest) and "
                 "scale worse over two threads; the rest is elementwise work (RMSNorm, rotary, SiLU, residuals), "
                 "masked attention (about 13%) and the optimizer, none of which counts as model FLOPs")]

@@ -33,6 +33,8 @@ def markdown(rows: list[Row], machine: dict, command: str, plan: dict, seconds: 
         out += [f"- {k}: {_fmt(v)}" for k, v in r.details.items()]
         if not r.met:
             out.append(f"- below target; what limits it: {r.limit}")
+            if r.profile:
+                out.append(f"- profile: {r.profile}")
         out.append("")
     out += ["## Plan", "", *[f"- {k}: {v}" for k, v in plan.items()], ""]
     return "\n".join(out)

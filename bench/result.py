@@ -14,6 +14,7 @@ class Row:
     higher_is_better: bool = True
     details: dict[str, float | str] = field(default_factory=dict)  # medians and settings behind the value
     limit: str = ""         # what holds the row back when it misses its target
+    profile: str = ""       # where ours spends its time (bench.timing.op_profile): the evidence for `limit`
 
     @property
     def met(self) -> bool:

@@ -27,3 +27,20 @@ def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def op_profile(fn: Callable[[], object], top: int = 8) -> str:
+    """Where one more run of `fn` spends its time, for a row that misses its target: the
+    torch operators with the most self CPU time (share of the run's wall time, calls), then
+    what no operator accounts for (Python, the framework around the model, data handling).
+    The profiler's own cost inflates small operators a little."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        wall = timed(fn)
+    ops = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
+    in_ops = sum(e.self_cpu_time_total for e in ops) / 1e6  # time on the calling thread, as wall time is
+    parts = [f"{e.key} {e.self_cpu_time_total / 1e6 / wall:.0%} ({e.count} calls)" for e in ops[:top]]
+    outside = max(0.0, 1 - in_ops / wall)
+    return f"one run of ours under torch.profiler, {wall:.2f} s: " + ", ".join(parts) + f"; outside any operator {outside:.0%}"
+

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bench.result import Row
 from bench.rows.common import hf_model, our_client, our_train_config, spelled, trl_args, train_quietly, trl_expert
-from bench.timing import interleaved, medians, timed
+from bench.timing import interleaved, medians, op_profile, timed
 from bench.workload import MAX_LENGTH
 from crucible_assets.train.dpo import DpoConfig, completion_logps, train_dpo
 
@@ -54,5 +54,5 @@ def run(w, plan) -> list[Row]:
                "TRL (defaults) pairs/s": m["trl_defaults"], "ratio vs TRL defaults": m["ours"] / m["trl_defaults"],
                "steps": plan.dpo_steps, "pairs per step": plan.batch_size}
     return [Row("DPO", "pairs/s incl. reference log-probs, ours / TRL DPOTrainer (expert)", m["ours"] / m["trl"], 2.0,
-                details=details, limit="both sides score the reference once and run the policy on chosen and rejected; "
+                details=details, profile=op_profile(ours), limit="both sides score the reference once and run the policy on chosen and rejected; "
                 "what is left is per-step fixed cost (AdamW over every weight), as heavy as the forward at this size")]

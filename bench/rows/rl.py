@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bench.result import Row
 from bench.rows.common import hf_model, our_client, our_train_config, spelled, trl_args, train_quietly, trl_expert
-from bench.timing import interleaved, medians, timed
+from bench.timing import interleaved, medians, op_profile, timed
 from resources.datasets.graders import grade
 from crucible_assets.train.rl import RlConfig, train_rl
 
@@ -58,6 +58,6 @@ def run(w, plan) -> list[Row]:
                "steps": plan.rl_steps, "group size": plan.group_size, "completions per step": problems_per_step * plan.group_size,
                "max tokens": plan.rl_max_tokens}
     return [Row("RL", "completions/s (sampling + training), ours / TRL GRPOTrainer (expert)", m["ours"] / m["trl"], 2.0,
-                details=details, limit="sampling dominates at this size: ours decodes each step's prompts in one batch "
+                details=details, profile=op_profile(ours), limit="sampling dominates at this size: ours decodes each step's prompts in one batch "
                 "with its own loop (the prompt's KV cache shared by its samples), TRL with one generate call; the "
                 "training half is the same forward and backward on both sides")]

@@ -9,7 +9,7 @@ import torch
 
 from bench.result import Row
 from bench.rows.common import hf_model, our_client
-from bench.timing import interleaved, medians, timed
+from bench.timing import interleaved, medians, op_profile, timed
 from resources.backends.types import SamplingParams
 
 
@@ -49,5 +49,5 @@ def run(w, plan) -> list[Row]:
                "prompts": len(prompts),
                "samples per prompt": plan.group_size, "max tokens": plan.sample_max_tokens}
     return [Row("Sampling", "generated tokens/s, ours / one batched model.generate", m["ours"] / m["batched"], 2.0,
-                details=details, limit="both sides decode every prompt in one batch with a KV cache, one forward per "
+                details=details, profile=op_profile(ours), limit="both sides decode every prompt in one batch with a KV cache, one forward per "
                 "token; what is left is that forward's own cost (a static cache or a compiled step would cut its overhead)")]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bench.result import Row
 from bench.rows.common import hf_model, our_client, our_train_config, spelled, trl_args, train_quietly, trl_expert
-from bench.timing import interleaved, medians, timed
+from bench.timing import interleaved, medians, op_profile, timed
 from bench.workload import MAX_LENGTH
 from crucible_assets.train.sft import train_sft
 from crucible_assets.train.loop import TrainConfig
@@ -48,5 +48,5 @@ def run(w, plan) -> list[Row]:
                "TRL (defaults) tokens/s": m["trl_defaults"], "ratio vs TRL defaults": m["ours"] / m["trl_defaults"],
                "steps": plan.sft_steps, "batch": plan.batch_size, "real tokens per rep": real_tokens}
     return [Row("SFT", "real tokens/s, ours / TRL SFTTrainer (expert)", m["ours"] / m["trl"], 1.5, details=details,
-                limit="both sides run the same padding-free forward and backward; what is left is per-step fixed cost "
+                profile=op_profile(ours), limit="both sides run the same padding-free forward and backward; what is left is per-step fixed cost "
                       "(collation, the block mask, AdamW over every weight), heavy at this batch size")]
