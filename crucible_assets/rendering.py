@@ -13,10 +13,14 @@ assistant turn ends with "\\n\\nUser:", the stop sequence at sampling time.
 from __future__ import annotations
 
 import functools
+import itertools
+from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Literal, get_args
 
 import numpy as np
+
+from crucible_assets.chat_template import prefix_renders
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -34,21 +38,6 @@ class RenderError(ValueError):
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # apply_chat_template rewrites these
 
 
-def _template_renderer(tok: PreTrainedTokenizerBase, messages: list[dict]) -> Callable[[list[dict], bool], str]:
-    """render(messages or a prefix of them, add_generation_prompt): apply_chat_template's text.
-    Messages of plain strings go straight to the compiled template with the variables
-    apply_chat_template passes (its normalizing and sandbox copies change nothing for them
-    and cost twice the render); anything else takes the full path."""
-    if all(type(v) is str and k not in REASONING_KEYS for m in messages for k, v in m.items()):
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-
-        compiled, variables = _compile_jinja_template(tok.get_chat_template()), tok.special_tokens_map
-        return lambda some, add_generation_prompt: compiled.render(
-            messages=some, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables)
-    return lambda some, add_generation_prompt: tok.apply_chat_template(
-        some, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
 def _prefix_len(text: str, prefix: str, i: int) -> int:
     if not text.startswith(prefix):
         raise RenderError(f"the chat template renders messages[:{i}] differently inside the full conversation, "
@@ -57,11 +46,15 @@ def _prefix_len(text: str, prefix: str, i: int) -> int:
 
 
 def _prefix_renders(tok: PreTrainedTokenizerBase, messages: list[dict]) -> Callable[[int, bool], str]:
-    """render(n, add_generation_prompt) of messages[:n], each rendered once: the spans end where
-    the full text ends and the eval prompt is the last assistant span's start, and
-    apply_chat_template is most of the cost of tokenizing."""
-    render = _template_renderer(tok, messages)
-    return functools.cache(lambda n, add_generation_prompt: render(messages[:n], add_generation_prompt))
+    """render(n, add_generation_prompt) of messages[:n], each rendered at most once: the spans
+    end where the full text ends and the eval prompt is the last assistant span's start, and
+    rendering is most of the cost of tokenizing. Messages of plain strings go to the compiled
+    template (chat_template.py: apply_chat_template's normalizing and sandbox copies change
+    nothing for them and cost more than the render); anything else takes the full path."""
+    if all(type(v) is str and k not in REASONING_KEYS for m in messages for k, v in m.items()):
+        return prefix_renders(tok, messages)
+    return functools.cache(lambda n, add_generation_prompt: tok.apply_chat_template(
+        messages[:n], tokenize=False, add_generation_prompt=add_generation_prompt))
 
 
 def _template_spans(tok: PreTrainedTokenizerBase, messages: list[dict], train_on_what: str,
@@ -174,21 +167,26 @@ def layout(tok: PreTrainedTokenizerBase, record: dict, train_on_what: str, rende
 def encode(tok: PreTrainedTokenizerBase, layouts: list[Layout]) -> list[Encoded]:
     """Texts in one tokenizer call per add_special_tokens setting (a fast tokenizer encodes a
     batch in parallel, and exactly as it encodes each text alone); eval prompts from their
-    texts' ids where _prompt_from_text can, the rest in one more call."""
+    texts' ids where _prompt_from_text can, the rest in one more call. Offsets are read one
+    text at a time into a flat array: a batch's worth of offset tuples alive at once is enough
+    garbage-collector work to trigger a full collection, which costs more than the batch."""
     out: list[Encoded | None] = [None] * len(layouts)
     for add_special in {lay.add_special for lay in layouts}:
         group = [i for i, lay in enumerate(layouts) if lay.add_special == add_special]
         enc = _tokenize(tok, [layouts[i].text for i in group], add_special)
-        prompt_ids, tails = {}, _Tails(tok)
-        for i, ids, offsets in zip(group, enc["input_ids"], enc["offset_mapping"]):
+        flat, prompt_ids, tails = array("q"), {}, _Tails(tok)
+        for i, ids, encoding in zip(group, enc["input_ids"], enc.encodings):
+            offsets, lay = encoding.offsets, layouts[i]
+            flat.extend(itertools.chain.from_iterable(offsets))
+            if lay.prompt is not None and not add_special:
+                prompt_ids[i] = _prompt_from_text(lay, ids, offsets, tails)
+        span_weights = _span_weights(np.frombuffer(flat, np.int64).reshape(-1, 2), [len(ids) for ids in enc["input_ids"]],
+                                     [layouts[i] for i in group])
+        for i, ids, weights in zip(group, enc["input_ids"], span_weights):
             lay = layouts[i]
             if lay.plain_text:
                 ids = ids + [tok.eos_token_id]
                 weights = [1.0] * len(ids)
-            else:
-                weights = _span_weights(offsets, lay.spans)
-            if lay.prompt is not None and not add_special:
-                prompt_ids[i] = _prompt_from_text(lay, ids, offsets, tails)
             out[i] = Encoded(ids, weights, [], lay.reference)
         rest = [i for i in group if layouts[i].prompt is not None and prompt_ids.get(i) is None]
         prompt_ids |= dict(zip(rest, _tokenize(tok, [layouts[i].prompt for i in rest], add_special)["input_ids"] if rest else []))
@@ -213,8 +211,7 @@ class _Tails(dict):
 
 
 def _tokenize(tok: PreTrainedTokenizerBase, texts: list[str], add_special: bool) -> dict:
-    return tok(texts, add_special_tokens=add_special, return_offsets_mapping=True, return_attention_mask=False,
-               return_token_type_ids=False)
+    return tok(texts, add_special_tokens=add_special, return_attention_mask=False, return_token_type_ids=False)
 
 
 def _prompt_from_text(lay: Layout, ids: list[int], offsets: list[tuple[int, int]], tails: _Tails) -> list[int] | None:
@@ -237,17 +234,25 @@ def _prompt_from_text(lay: Layout, ids: list[int], offsets: list[tuple[int, int]
     return None
 
 
-def _span_weights(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[float]:
-    """1.0 for each non-empty token that starts inside some span: the last span starting at or
-    before the token is the only candidate once spans are sorted and ends run as a maximum."""
-    o = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    if not spans:
-        return [0.0] * len(o)
-    s = np.asarray(sorted(spans), dtype=np.int64)
-    reach = np.maximum.accumulate(s[:, 1])
-    k = np.searchsorted(s[:, 0], o[:, 0], side="right") - 1
-    inside = (k >= 0) & (o[:, 0] < reach[np.maximum(k, 0)]) & (o[:, 0] < o[:, 1])
-    return inside.astype(float).tolist()
+def _span_weights(offsets: np.ndarray, counts: list[int], layouts: list[Layout]) -> list[list[float]]:
+    """Per text (its `count` rows of the batch's (start, end) offsets), 1.0 for each non-empty
+    token that starts inside one of its spans. One search for the whole batch (per text it cost
+    more than the tokenizer): each text's offsets and spans are shifted past the previous
+    text's end and span ends, so no span reaches another text's tokens; the last span starting
+    at or before a token is then the only candidate once spans are sorted and ends run as a
+    maximum."""
+    reach = [max([len(lay.text), *(end for _, end in lay.spans)]) + 1 for lay in layouts]
+    bases = list(itertools.accumulate(reach, initial=0))
+    spans = sorted((base + start, base + end) for base, lay in zip(bases, layouts) for start, end in lay.spans)
+    inside = np.zeros(len(offsets), dtype=bool)
+    if spans:
+        starts = offsets[:, 0] + np.repeat(np.asarray(bases[:-1], dtype=np.int64), counts)
+        s = np.asarray(spans, dtype=np.int64)
+        k = np.searchsorted(s[:, 0], starts, side="right") - 1
+        reached = np.maximum.accumulate(s[:, 1])[np.maximum(k, 0)]
+        inside = (k >= 0) & (starts < reached) & (offsets[:, 0] < offsets[:, 1])
+    weights, ends = inside.astype(float).tolist(), list(itertools.accumulate(counts, initial=0))
+    return [weights[a:b] for a, b in zip(ends, ends[1:])]
 
 
 def _prompt_text(tok: PreTrainedTokenizerBase, messages: list[dict], renderer: str,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from itertools import compress, islice
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -100,7 +101,7 @@ def _sft_layouts(r: Renderer, record: dict, where: Where) -> list[Layout]:
 def _sft_row(r: Renderer, record: dict, encoded: list[Encoded], where: Where) -> tuple[dict, list[int]]:
     (e,) = encoded
     tokens, weights = r.truncate(e) if "text" in record else r.trainable(e, _messages(where, "messages"))
-    target_text = r.tok.decode([t for t, w in zip(tokens[1:], weights[1:]) if w > 0])
+    target_text = r.tok.decode(list(compress(islice(tokens, 1, None), islice(weights, 1, None))))  # weights are 0 or 1
     row = {"tokens": tokens, "weights": weights, "prompt_tokens": e.prompt_ids, "reference": e.reference,
            "target_bytes": len(target_text.encode())}
     return row, [len(tokens)]

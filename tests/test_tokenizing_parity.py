@@ -17,6 +17,7 @@ from tokenizers.processors import TemplateProcessing
 from crucible_assets.base import train_tokenizer
 import pyarrow.parquet as pq
 
+import crucible_assets.chat_template as chat_template
 import crucible_assets.tokenizing as tokenizing
 from crucible_assets.rendering import RenderError, _prompt_from_text, _Tails, layout
 from crucible_assets.tokenizing import Renderer, pair_row, problem_row, sft_row, tokenize_splits
@@ -180,10 +181,10 @@ def tokenizers(tmp_path_factory):
     bos = llama3.convert_tokens_to_ids(specials[0])
     llama3.backend_tokenizer.post_processor = TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[(specials[0], bos)])
     llama3.chat_template = (TEMPLATES / "llama3.jinja").read_text()
-    return {"chatml": chatml, "llama3": llama3}
+    return {"chatml": chatml, "llama3": llama3, "builtin": AutoTokenizer.from_pretrained(d)}
 
 
-@pytest.mark.parametrize("style", ["chatml", "llama3"])
+@pytest.mark.parametrize("style", ["chatml", "llama3", "builtin"])
 @pytest.mark.parametrize("renderer", ["chat_template", "role_colon"])
 @pytest.mark.parametrize("train_on_what", MODES)
 @pytest.mark.parametrize("max_length", [40, 512])
@@ -207,7 +208,7 @@ def test_rows_match_the_oracle(tokenizers, style, renderer, train_on_what, max_l
 
 
 
-@pytest.mark.parametrize("style", ["chatml", "llama3"])
+@pytest.mark.parametrize("style", ["chatml", "llama3", "builtin"])
 @pytest.mark.parametrize("kind", ["conversations", "pairs"])
 def test_tokenize_splits_in_chunks_matches_the_oracle(tokenizers, style, kind, tmp_path, monkeypatch):
     """The shard writer batches records per tokenizer call; chunks of 7 put boundaries everywhere."""
@@ -253,3 +254,38 @@ def test_eval_prompts_reuse_their_texts_ids(tokenizers, style):
         assert got == tok(lay.prompt, add_special_tokens=False)["input_ids"]
         checked += 1
     assert checked >= 8 and len(tails) == 1  # one generation header for every record
+
+
+@pytest.mark.parametrize("train_on_what", MODES)
+@pytest.mark.parametrize("max_length", [40, 512])
+def test_one_render_equals_the_prefix_renders(tokenizers, train_on_what, max_length, monkeypatch):
+    """The built-in ChatML template is turn-local: a conversation renders once and its prefixes
+    are cut from that render. Rows from that render equal the rows from rendering every
+    prefix (the path the fixture templates, which are not turn-local, take), on several
+    assistant turns, system prompts, truncated records, and a message holding the separator,
+    which sends its conversation down the prefix path."""
+    tok, rng = tokenizers["builtin"], random.Random(f"turns{train_on_what}{max_length}")
+    records = [{"messages": _conversation(rng)} for _ in range(40)]
+    records.append({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a"},
+                                 {"role": "assistant", "content": "b" + chat_template.SEPARATOR},
+                                 {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]})
+
+    def rows(renderer):
+        return [_outcome(lambda: sft_row(renderer, record, lambda: "r")[0]) for record in records]
+
+    fast = rows(Renderer(tok, max_length, train_on_what, "chat_template"))
+    monkeypatch.setattr(chat_template, "_COMPILED", {})
+    monkeypatch.setattr(chat_template, "_turn_local", lambda tree, variables: False)
+    assert chat_template.compiled(tok).separated is None
+    slow = Renderer(tok, max_length, train_on_what, "chat_template")
+    assert fast == rows(slow)
+    assert sum(row != "RenderError" for row in fast) >= (8 if max_length < 100 else 30)  # not vacuous
+    assert max_length > 100 or slow.truncated > 0
+
+
+def test_turn_locality_is_read_from_the_template(tokenizers):
+    """The built-in template takes the one-render path; the fixture templates, whose loops read
+    `loop.first` or set variables, render every prefix."""
+    assert chat_template.compiled(tokenizers["builtin"]).separated is not None
+    assert chat_template.compiled(tokenizers["chatml"]).separated is None
+    assert chat_template.compiled(tokenizers["llama3"]).separated is None
