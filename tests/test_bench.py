@@ -36,3 +36,38 @@ def test_quick_scaling_writes_its_table_and_plot(tmp_path):
     assert ours > 0 and trl > 0
     assert store_mb < copies_mb  # the checkpoint's weights are stored once, not as model/ and state/ copies
     assert (tmp_path / "scaling.png").stat().st_size > 1000
+
+
+def test_tokenization_reference_makes_our_artifact(tmp_path):
+    """The Tokenization row races a reference producing the same artifact: on the row's chats,
+    untruncated and truncated, its ids are our tokens and its assistant masks our nonzero
+    loss weights."""
+    import json
+
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from bench.rows.tokenization import datasets_reference
+    from bench.workload import mixed_chats
+    from crucible_assets.base import train_tokenizer
+    from crucible_assets.tokenizing import tokenize_splits
+
+    train_tokenizer(tmp_path / "tok", 1024, 0)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    chats = mixed_chats(200, seed=1)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats[1:]))
+    (data / "test.jsonl").write_text(json.dumps(chats[0]) + "\n")
+    for max_length in (128, 60):  # the row's, and one that truncates some chats without emptying any
+        ours, reference = tmp_path / f"ours{max_length}", tmp_path / f"reference{max_length}"
+        ours.mkdir()
+        reference.mkdir()
+        summary = tokenize_splits(data, ours, tok, "conversations", max_length, "all_assistant_messages", "chat_template",
+                                  overlong="error")
+        datasets_reference(tok, data, reference, max_length)
+        assert (summary["train_truncated"] > 0) == (max_length == 60)
+        for split in ("train", "test"):
+            rows, want = (pq.read_table(d / f"{split}.parquet").to_pylist() for d in (ours, reference))
+            assert [r["tokens"] for r in rows] == [w["input_ids"] for w in want]
+            assert [[int(x > 0) for x in r["weights"]] for r in rows] == [w["assistant_masks"] for w in want]
