@@ -114,3 +114,29 @@ def test_the_lean_step_computes_the_models_own_forward(family):
                 got = step(token, pos).float()
                 torch.testing.assert_close(got, expected, atol=1e-2 if bf16 else 1e-6, rtol=0)  # bf16: a few ulps at 0.5
                 pos = pos + 1
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_rows_that_finish_leave_the_batch_and_the_rest_decode_as_before(client, monkeypatch, lean):
+    """A stop token that ends one row early: once finished rows are a quarter of the batch
+    they are dropped from it (KV cache and mask), and every other row's answer is unchanged."""
+    import resources.backends.local.decode as decode_module
+
+    if not lean:
+        monkeypatch.setattr(decode_module, "supports", lambda model, capacity: False)
+    pad = client.tokenizer.pad_token_id
+
+    def greedy(stop_ids: list[int]):
+        return decode_module.decode(client.model.eval(), PROMPTS, 1, 12, 0.0, 1.0, 0, pad, stop_ids, [], client.tokenizer, "cpu")
+
+    full = greedy([]).tokens_N_S.tolist()
+    stop_at = next(i for i, t in enumerate(full[0]) if t not in full[0][:i] and all(t not in a for a in full[1:]))
+    dropped = []
+    step_class = decode_module.LeanStep if lean else decode_module.HfStep
+    real_select = step_class.select
+    monkeypatch.setattr(step_class, "select", lambda self, rows: dropped.append(rows.tolist()) or real_select(self, rows))
+    out = greedy([full[0][stop_at]])
+    assert dropped == [[1, 2]]
+    assert out.stopped_at_N == [stop_at, -1, -1]
+    assert out.tokens_N_S[0].tolist() == full[0][: stop_at + 1] + [pad] * (11 - stop_at)
+    assert out.tokens_N_S[1:].tolist() == full[1:]

@@ -3,7 +3,9 @@ and its KV cache repeated for the samples of each prompt, then one forward per n
 until every row has stopped. This is what `model.generate` does, without its per-token
 machinery (logits processors, stopping criteria objects, a second prefill per sample):
 for the small models and short answers of RL that machinery, not the matmuls, is most of
-a step. The steps after the prefill run `LeanStep` where the architecture allows it.
+a step. The steps after the prefill run `LeanStep` where the architecture allows it. Rows
+that finished leave the batch once they are a quarter of it (answers of very different
+lengths would otherwise keep paying for the longest).
 Shapes: N = prompts x samples (rows), P = padded prompt length, S = new tokens."""
 
 from __future__ import annotations
@@ -73,40 +75,59 @@ def decode(model, prompts: list[list[int]], num_samples: int, max_tokens: int, t
     mask_N_P = mask_B_P.repeat_interleave(num_samples, dim=0)
     next_pos_N = positions_B_P[:, -1].repeat_interleave(num_samples) + 1
     logits_N_V = out.logits[:, -1].float().repeat_interleave(num_samples, dim=0)
-    if supports(model, P + max_tokens):
-        step = LeanStep(model, cache, mask_N_P, P + max_tokens)
-    else:
-        def step(ids_N: torch.Tensor, positions_N: torch.Tensor) -> torch.Tensor:
-            nonlocal mask_N_P
-            mask_N_P = torch.cat([mask_N_P, torch.ones(N, 1, dtype=mask_N_P.dtype, device=device)], dim=1)
-            return model(input_ids=ids_N.unsqueeze(-1), attention_mask=mask_N_P, position_ids=positions_N.unsqueeze(-1),
-                         use_cache=True, **{cache_arg: cache}).logits[:, -1]
+    step = LeanStep(model, cache, mask_N_P, P + max_tokens) if supports(model, P + max_tokens) else \
+        HfStep(model, cache, mask_N_P, cache_arg)
 
     gen = torch.Generator(device=device).manual_seed(seed)
     stop_ids_t = torch.tensor(stop_ids, dtype=torch.long, device=device)
-    tokens, logprobs = [], []
-    done_N = torch.zeros(N, dtype=torch.bool, device=device)
+    tokens_N_S = torch.full((N, max_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs_N_S = torch.zeros(N, max_tokens, device=device)
+    rows_L = torch.arange(N, device=device)  # the batch's rows: L of the N still decoding (or just finished)
+    done_L = torch.zeros(N, dtype=torch.bool, device=device)
+    next_pos_L = next_pos_N
+    logits_L_V = logits_N_V
     stopped_at = [-1] * N
     texts = [[] for _ in range(N)] if stop_strings else None
     for s in range(max_tokens):
-        ids_N, lps_N = sample_tokens(logits_N_V, temperature, top_p, gen)
-        ids_N = ids_N.masked_fill(done_N, pad_id)
-        tokens.append(ids_N)
-        logprobs.append(lps_N.masked_fill(done_N, 0.0))
-        stops_N = torch.isin(ids_N, stop_ids_t) & ~done_N
+        ids_L, lps_L = sample_tokens(logits_L_V, temperature, top_p, gen)
+        live_L = ~done_L
+        tokens_N_S[rows_L[live_L], s] = ids_L[live_L]
+        logprobs_N_S[rows_L[live_L], s] = lps_L[live_L]
+        stops_L = torch.isin(ids_L, stop_ids_t) & live_L
         if texts is not None:
-            for n in (~done_N).nonzero().flatten().tolist():
-                texts[n].append(int(ids_N[n]))
-                if not stops_N[n] and ends_with_stop(tokenizer, texts[n], stop_strings):
-                    stops_N[n] = True
-        for n in stops_N.nonzero().flatten().tolist():
+            for l in live_L.nonzero().flatten().tolist():
+                n = int(rows_L[l])
+                texts[n].append(int(ids_L[l]))
+                if not stops_L[l] and ends_with_stop(tokenizer, texts[n], stop_strings):
+                    stops_L[l] = True
+        for n in rows_L[stops_L].tolist():
             stopped_at[n] = s
-        done_N |= stops_N
-        if bool(done_N.all()) or s == max_tokens - 1:
+        done_L |= stops_L
+        if bool(done_L.all()) or s == max_tokens - 1:
             break
-        logits_N_V = step(ids_N, next_pos_N).float()
-        next_pos_N = next_pos_N + 1
-    return Decoded(torch.stack(tokens, dim=1).cpu(), torch.stack(logprobs, dim=1).cpu(), stopped_at)
+        if int(done_L.sum()) * 4 >= len(done_L):  # a quarter of the batch is finished rows: drop them
+            keep_L = (~done_L).nonzero().flatten()
+            step.select(keep_L)
+            rows_L, ids_L, next_pos_L, done_L = rows_L[keep_L], ids_L[keep_L], next_pos_L[keep_L], done_L[keep_L]
+        logits_L_V = step(ids_L.masked_fill(done_L, pad_id), next_pos_L).float()
+        next_pos_L = next_pos_L + 1
+    return Decoded(tokens_N_S[:, : s + 1].cpu(), logprobs_N_S[:, : s + 1].cpu(), stopped_at)
+
+
+class HfStep:
+    """The generic decode step: transformers' forward with its own cache, for any model."""
+
+    def __init__(self, model, cache, mask_N_P: torch.Tensor, cache_arg: str) -> None:
+        self.model, self.cache, self.mask_N_T, self.cache_arg = model, cache, mask_N_P, cache_arg
+
+    def __call__(self, ids_N: torch.Tensor, positions_N: torch.Tensor) -> torch.Tensor:
+        self.mask_N_T = torch.cat([self.mask_N_T, self.mask_N_T.new_ones(len(ids_N), 1)], dim=1)
+        return self.model(input_ids=ids_N[:, None], attention_mask=self.mask_N_T, position_ids=positions_N[:, None],
+                          use_cache=True, **{self.cache_arg: self.cache}).logits[:, -1]
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.mask_N_T = self.mask_N_T[rows]
 
 
 def cache_argument(model) -> str:

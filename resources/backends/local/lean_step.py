@@ -104,6 +104,12 @@ class LeanStep:
         self.mask_N_T[:, :P] = mask_N_P.bool()
         self.filled = P
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (finished ones leave the batch)."""
+        for w in self.layers:
+            w.keys_N_K_T_D, w.values_N_K_T_D = w.keys_N_K_T_D[rows], w.values_N_K_T_D[rows]
+        self.mask_N_T = self.mask_N_T[rows]
+
     def __call__(self, ids_N: torch.Tensor, positions_N: torch.Tensor) -> torch.Tensor:
         with torch.autocast(ids_N.device.type, enabled=False):  # casts are explicit: autocast's dispatch per op costs more
             return self._step(ids_N, positions_N)
