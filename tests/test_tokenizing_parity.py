@@ -2,7 +2,8 @@
 it was before renders were shared, templates rendered directly and tokenizer calls batched
 (every prefix rendered anew by apply_chat_template, each text and eval prompt tokenized on
 its own), on seeded synthetic records of every
-kind, each train_on_what mode, both renderers, chatml and Llama-3 templates, and edge cases
+kind, each train_on_what mode, both renderers, chatml and Llama-3 templates (each prefix
+rendered) and the built-in ChatML template (one render per conversation), and edge cases
 (empty and whitespace content, newlines, unicode, system turns, conversations ending with
 a user turn, truncation, records that must fail)."""
 
