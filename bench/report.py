@@ -19,7 +19,16 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def markdown(rows: list[Row], machine: dict, command: str, plan: dict, seconds: float) -> str:
+def scaling_section(scaling_md: Path) -> list[str]:
+    """SCALING.md's table and plot (`python -m bench.scaling`, a separate run of about ten
+    minutes) under RESULTS.md's own heading, or a line saying how to make them."""
+    if not scaling_md.exists():
+        return ["## Scaling", "", f"Not measured yet: run `python -m bench.scaling` (writes {scaling_md.name}).", ""]
+    body = scaling_md.read_text().splitlines()[1:]  # its own title dropped
+    return ["## Scaling", "", f"From {scaling_md.name}, a separate run:", *body, ""]
+
+
+def markdown(rows: list[Row], machine: dict, command: str, plan: dict, seconds: float, scaling_md: Path) -> str:
     out = ["# Crucible benchmark results", "", f"Command: `{command}` ({seconds:.0f} s in all).", "",
            "Each row runs ours and the reference back to back on the same ~10M-parameter Llama (Crucible's locally "
            "trained tokenizer) and data, repetitions interleaved (order alternating), medians. Ratios above 1 mean "
@@ -36,6 +45,7 @@ def markdown(rows: list[Row], machine: dict, command: str, plan: dict, seconds: 
             if r.profile:
                 out.append(f"- profile: {r.profile}")
         out.append("")
+    out += scaling_section(scaling_md)
     out += ["## Plan", "", *[f"- {k}: {v}" for k, v in plan.items()], ""]
     return "\n".join(out)
 

@@ -58,10 +58,16 @@ def ours(model_dir: Path, batch: list[list[int]], steps: int) -> dict:
         client.save_state(out / "state")
     store = ArtifactStore(root=tempfile.mkdtemp(prefix="scaling_store_"))
     ref = store.write("bench/checkpoint", "0" * 32, save, {"config": {}, "upstream": []})
-    files = [p for p in ref.dir.rglob("*") if p.is_file()]
-    inodes = {p.stat().st_ino: p.stat().st_size for p in files}
-    return {"seconds_per_step": statistics.median(times[1:]), "store_bytes": sum(inodes.values()),
-            "copies_bytes": sum(p.stat().st_size for p in files), "precision": "bf16" if client.bf16 else "fp32"}
+    stored, copies = disk_bytes(ref.dir)
+    return {"seconds_per_step": statistics.median(times[1:]), "store_bytes": stored, "copies_bytes": copies,
+            "precision": "bf16" if client.bf16 else "fp32"}
+
+
+def disk_bytes(root: Path) -> tuple[int, int]:
+    """Bytes the files under `root` take on disk (hard links to one file counted once) and
+    what they would take as separate copies."""
+    stats = [p.stat() for p in root.rglob("*") if p.is_file()]
+    return sum({s.st_ino: s.st_size for s in stats}.values()), sum(s.st_size for s in stats)
 
 
 def trl(model_dir: Path, batch: list[list[int]], steps: int) -> dict:

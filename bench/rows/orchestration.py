@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from bench.result import Row
+from bench.scaling import disk_bytes
 from bench.timing import timed
 
 STARTUP = ("each `dagster job execute` pays Dagster's own per-run work: importing dagster, its CLI and its SQLite "
@@ -61,8 +62,10 @@ def run(w, plan) -> list[Row]:
     first = _run(job, env)
     rerun = _run(job, env)
     overhead = first - bare
+    stored, copies = disk_bytes(root / "crucible" / "store")
     details = {"bare seconds": bare, "dagster first run seconds": first, "dagster cache-hit re-run seconds": rerun,
-               "training steps": plan.orchestration_steps, "repetitions": "1 each, in order bare, job, re-run (not interleaved)"}
+               "training steps": plan.orchestration_steps, "repetitions": "1 each, in order bare, job, re-run (not interleaved)",
+               "store MB after the job (each large file once)": stored / 1e6, "store MB were every file a copy": copies / 1e6}
     return [
         Row("Orchestration overhead", "(dagster job - bare) seconds / 60 s", overhead / 60, 0.10, higher_is_better=False,
             details=details | {"overhead seconds": overhead, "overhead / this run": overhead / first},
