@@ -1,6 +1,6 @@
 """sl_basic's work without Dagster, the store or the checks: the same functions the assets
-call (tokenizer, tiny model, records, tokenized shards, training loop, checkpoint, eval), in
-one plain process. The orchestration row times this against `dagster job execute`.
+call (tokenizer, tiny model, records, tokenized shards, training loop, checkpoint, eval, the
+eval suites it runs by default), in one plain process. The orchestration row times this against `dagster job execute`.
 
     python -m bench.bare_sl_basic ROOT RUN_CONFIG.json
 """
@@ -15,6 +15,9 @@ from pathlib import Path
 def main(root: Path, run_config: dict) -> None:
     import pyarrow.parquet as pq
 
+    from crucible_assets.suites.assets import SUITES
+    from crucible_assets.suites.prompts import grader_for, held_out_prompts
+    from crucible_assets.suites.suite import SuiteRun
     from crucible_assets.base import TinyModelConfig, TokenizerConfig, build_tiny_llama, train_tokenizer
     from crucible_assets.tokenizing import tokenize_splits
     from crucible_assets.train.algorithm import EvalRun
@@ -52,6 +55,13 @@ def main(root: Path, run_config: dict) -> None:
     start = backend.create_training_client(dirs["model"], 0, eval_cfg.seed)
     trained = backend.create_training_client(dirs["checkpoint"] / "model", 0, eval_cfg.seed)
     evaluate_sft(EvalRun(start, trained, rows["test"], eval_cfg, train_cfg, summary["stop"], {}))
+    for suite in SUITES.values():
+        suite_cfg = cfg(f"sl_basic__{suite.asset_stage}", suite.config)
+        if suite_cfg.enabled:
+            (root / suite.name).mkdir()
+            suite.run(SuiteRun(trained=trained, start=start, tokenizer=trained.tokenizer,
+                               prompts=held_out_prompts(dirs["dataset"], suite_cfg.num_prompts), renderer=tokenize_cfg.renderer,
+                               stop=summary["stop"], grader=grader_for(train_cfg), config=suite_cfg, out=root / suite.name))
 
 
 if __name__ == "__main__":

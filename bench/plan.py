@@ -23,7 +23,7 @@ class Plan:
     sample_max_tokens: int = 24
     tokenize_rows: int = 2000
     learning_rate: float = 1e-3
-    orchestration_steps: int = 300  # sl_basic's default job: about a minute on two cores
+    orchestration_steps: int | None = None  # None: sl_basic's default job as the README runs it (600 steps)
     peak_seconds: float = 2.0
 
 

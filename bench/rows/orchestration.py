@@ -33,6 +33,8 @@ TINY_MODEL = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_
 
 
 def run_config(plan) -> dict:
+    if plan.orchestration_steps is None:  # the job's own defaults
+        return {}
     ops = {"sl_basic__checkpoint": {"config": {"max_steps": plan.orchestration_steps}}}
     if plan.orchestration_steps < 50:
         ops |= {"base__tiny_llama": {"config": TINY_MODEL}, "sl_basic__dataset": {"config": {"num_examples": 200}},
@@ -64,7 +66,7 @@ def run(w, plan) -> list[Row]:
     overhead = first - bare
     stored, copies = disk_bytes(root / "crucible" / "store")
     details = {"bare seconds": bare, "dagster first run seconds": first, "dagster cache-hit re-run seconds": rerun,
-               "training steps": plan.orchestration_steps, "repetitions": "1 each, in order bare, job, re-run (not interleaved)",
+               "training steps": plan.orchestration_steps or "sl_basic's default", "repetitions": "1 each, in order bare, job, re-run (not interleaved)",
                "store MB after the job (each large file once)": stored / 1e6, "store MB were every file a copy": copies / 1e6}
     return [
         Row("Orchestration overhead", "(dagster job - bare) seconds / 60 s", overhead / 60, 0.10, higher_is_better=False,
