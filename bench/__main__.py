@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     command = "python -m bench" + (" --quick" if args.quick else "") + ("" if args.rows == ",".join(ROWS) else f" --rows {args.rows}")
     report.write(args.output, report.markdown(rows, machine, command, dataclasses.asdict(plan), seconds,
-                                                 Path(__file__).with_name("SCALING.md")))
+                                                 args.output.with_name("SCALING.md")))
     print(report.table(rows))
     print(f"wrote {args.output} ({seconds:.0f} s)")
     return 0

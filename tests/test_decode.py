@@ -140,3 +140,35 @@ def test_rows_that_finish_leave_the_batch_and_the_rest_decode_as_before(client, 
     assert out.stopped_at_N == [stop_at, -1, -1]
     assert out.tokens_N_S[0].tolist() == full[0][: stop_at + 1] + [pad] * (11 - stop_at)
     assert out.tokens_N_S[1:].tolist() == full[1:]
+
+
+def test_the_lean_step_refuses_what_it_does_not_compute():
+    """MLP biases, length-dependent rotary frequencies and sliding windows keep the generic
+    step (each measured to give wrong logits through the lean one)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    from resources.backends.local.lean_step import supports
+
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    decisions = {
+        "llama": (LlamaConfig(**common), True),
+        "llama3 rope": (LlamaConfig(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 32}, **common), True),
+        "mlp bias": (LlamaConfig(mlp_bias=True, **common), False),
+        "dynamic rope": (LlamaConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, **common), False),
+        "mistral window under capacity": (MistralConfig(sliding_window=4, layer_types=["full_attention"] * 2, **common), False),
+        "mistral without window": (MistralConfig(sliding_window=None, **common), True),
+        "qwen2 sliding layers": (Qwen2Config(use_sliding_window=True, sliding_window=4, max_window_layers=0, **common), False),
+    }
+    got = {name: supports(AutoModelForCausalLM.from_config(config), 16) for name, (config, _) in decisions.items()}
+    assert got == {name: expected for name, (_, expected) in decisions.items()}
+
+
+def test_draw_refuses_weights_it_cannot_sample():
+    from resources.backends.local.decode import draw
+
+    gen = torch.Generator().manual_seed(0)
+    for bad in ([0.0, 0.0, 0.0], [0.5, float("nan"), 0.5]):
+        with pytest.raises(ValueError, match="all zero or not finite"):
+            draw(torch.tensor([bad]), gen)

@@ -114,7 +114,11 @@ def test_a_large_file_is_stored_once_remotely_and_checked_by_its_bytes(remote, t
     remote.pipe_file(f"/bucket/store/files/{sha}", weights[:-1] + b"\x00")
     assert store.verify(first) == store.verify(second) == ["model.safetensors"]
     monkeypatch.setenv("CRUCIBLE_HOME", str(tmp_path / "third_machine"))
+    third = ArtifactStore(root=URL)
     with pytest.raises(IntegrityError, match="model.safetensors"):
-        ArtifactStore(root=URL).open_verified(ArtifactStore(root=URL).lookup("cd34"))
+        third.open_verified(third.lookup("cd34"))
+    assert not (third.base / "files").exists()  # the damaged download was not kept, nor linked
+    remote.pipe_file(f"/bucket/store/files/{sha}", weights)  # the bucket repaired: the same machine reads it again
+    assert (third.open_verified(third.lookup("cd34")) / "model.safetensors").read_bytes() == weights
     remote.rm(f"/bucket/store/files/{sha}")
     assert store.verify(first) == ["model.safetensors"]  # missing shows as missing

@@ -28,7 +28,7 @@ def run(w, plan) -> list[Row]:
     rows = w.pair_rows[:n]
     pairs = Dataset.from_list(trl_pairs(w.pairs[:n]))
 
-    def ours() -> float:
+    def ours(measure=timed) -> float:
         policy, reference = our_client(w.model_dir), our_client(w.model_dir)
         cfg = our_train_config(DpoConfig, plan, plan.dpo_steps)
 
@@ -37,7 +37,7 @@ def run(w, plan) -> list[Row]:
             test = {k: v[:2] for k, v in ref.items()}
             train_dpo(policy, rows, ref, rows[:2], test, cfg, Path(tempfile.mkdtemp()), log=lambda _: None)
 
-        return n / timed(work)
+        return n / measure(work)
 
     def trl(**fields):
         def rep() -> float:

@@ -39,6 +39,8 @@ def run_config(plan) -> dict:
     if plan.orchestration_steps < 50:
         ops |= {"base__tiny_llama": {"config": TINY_MODEL}, "sl_basic__dataset": {"config": {"num_examples": 200}},
                 "sl_basic__eval_report": {"config": {"max_tokens": 4, "bootstrap_samples": 50}}}
+        ops |= {f"sl_basic__eval_{suite}": {"config": {"num_prompts": 2, "bootstrap_samples": 50}}
+                for suite in ("robustness", "self_consistency", "attribution")}
     return {"ops": ops}
 
 
@@ -56,7 +58,7 @@ def run(w, plan) -> list[Row]:
     (root / "run.yaml").write_text(yaml.safe_dump(config))
     (root / "run.json").write_text(json.dumps(config))
     (root / "dagster").mkdir()
-    env = os.environ | {"DAGSTER_HOME": str(root / "dagster"), "CRUCIBLE_HOME": str(root / "crucible"),
+    env = {k: v for k, v in os.environ.items() if k != "CRUCIBLE_STORE"} | {"DAGSTER_HOME": str(root / "dagster"), "CRUCIBLE_HOME": str(root / "crucible"),
                         "DAGSTER_MODULE_NAME": "crucible_jobs"}
     dagster = str(Path(sys.executable).with_name("dagster"))
     job = [dagster, "job", "execute", "-j", "sl_basic", "-c", str(root / "run.yaml")]
@@ -64,7 +66,9 @@ def run(w, plan) -> list[Row]:
     first = _run(job, env)
     rerun = _run(job, env)
     overhead = first - bare
-    stored, copies = disk_bytes(root / "crucible" / "store")
+    store = root / "crucible" / "store"
+    assert (store / "objects").is_dir(), f"the job wrote no store at {store}"
+    stored, copies = disk_bytes(store)[0], disk_bytes(store / "objects")[1]  # copies: every object's files, no pool
     details = {"bare seconds": bare, "dagster first run seconds": first, "dagster cache-hit re-run seconds": rerun,
                "training steps": plan.orchestration_steps or "sl_basic's default", "repetitions": "1 each, in order bare, job, re-run (not interleaved)",
                "store MB after the job (each large file once)": stored / 1e6, "store MB were every file a copy": copies / 1e6}

@@ -34,12 +34,12 @@ def run(w, plan) -> list[Row]:
     prompts = Dataset.from_list([{"prompt": [{"role": "user", "content": p["question"]}], "reference": p["answer"]}
                                  for p in w.problems[: len(rows)]])
 
-    def ours() -> float:
+    def ours(measure=timed) -> float:
         client = our_client(w.model_dir)
         cfg = our_train_config(RlConfig, plan, plan.rl_steps, group_size=plan.group_size, max_tokens=plan.rl_max_tokens,
                                eval_problems=1)
         cfg = cfg.model_copy(update={"batch_size": problems_per_step})
-        return completions / timed(lambda: train_rl(client, None, rows, rows[:1], cfg, w.stop,
+        return completions / measure(lambda: train_rl(client, None, rows, rows[:1], cfg, w.stop,
                                                     Path(tempfile.mkdtemp()), log=lambda _: None))
 
     def trl(**fields):

@@ -25,10 +25,10 @@ def run(w, plan) -> list[Row]:
     real_tokens = sum(len(t) for t, _ in examples)
     chats = Dataset.from_list(w.chats[:n])
 
-    def ours() -> float:
+    def ours(measure=timed) -> float:
         client = our_client(w.model_dir)
         cfg = our_train_config(TrainConfig, plan, plan.sft_steps)
-        seconds = timed(lambda: train_sft(client, examples, examples[:2], cfg, Path(tempfile.mkdtemp()), log=lambda _: None))
+        seconds = measure(lambda: train_sft(client, examples, examples[:2], cfg, Path(tempfile.mkdtemp()), log=lambda _: None))
         ours.last_seconds = seconds
         return real_tokens / seconds
 

@@ -349,13 +349,19 @@ class ArtifactStore(ConfigurableResource):
         return self._mismatches(ref, hash_tree(ref.dir)[1] if ref.dir.is_dir() else {})
 
     def _pull_object(self, ref: ArtifactRef) -> None:
+        """Fetch a remote object into this machine's cache, checked before it enters: a damaged
+        download is never kept (nor linked into files/), so a repaired bucket is read again."""
         staging = self.staging_dir()
         try:
             files = self.manifest(ref.fingerprint)["files"]
             self.remote.fetch_dir(f"objects/{ref.content_hash}", staging, files)
+            if bad := self._mismatches(ref, hash_tree(staging)[1]):
+                raise IntegrityError(f"artifact {ref.key} ({ref.content_hash}) fetched from {self.location} fails its "
+                                     "manifest: " + ", ".join(bad))
             share_files(staging, files, self.base / "files")  # this machine's cache stores each file once too
             ref.dir.parent.mkdir(parents=True, exist_ok=True)
             os.rename(staging, ref.dir)
+            _VERIFIED[(ref.dir, ref.fingerprint)] = stat_signature(ref.dir)
         except OSError as e:
             if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not ref.dir.is_dir():
                 raise

@@ -76,6 +76,8 @@ class LocalTorchBackend(ConfigurableResource, LocalTorchSettings):
                if self.precision == "auto" and self.resolved_device() == "cpu" else {}),
             "torch": torch_version(),
             "optimizer": "adamw_fused",  # the kernel is part of the numbers (before it: a per-tensor loop)
+            # so is the sampler: the lean decode step, inverse-CDF draws, finished rows leaving the batch (decode.py)
+            "sampler": "lean_step_v1",
             "packing": self.packing,
             "pack_length": self.pack_length,
             # a pinned thread count is an input of the numbers; unpinned (0) leaves earlier fingerprints as they were

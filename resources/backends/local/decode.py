@@ -5,7 +5,8 @@ machinery (logits processors, stopping criteria objects, a second prefill per sa
 for the small models and short answers of RL that machinery, not the matmuls, is most of
 a step. The steps after the prefill run `LeanStep` where the architecture allows it. Rows
 that finished leave the batch once they are a quarter of it (answers of very different
-lengths would otherwise keep paying for the longest).
+lengths would otherwise keep paying for the longest); greedy answers are unchanged by it, a
+sampled row's draws depend on which rows are still in the batch (still seeded).
 Shapes: N = prompts x samples (rows), P = padded prompt length, S = new tokens."""
 
 from __future__ import annotations
@@ -45,11 +46,16 @@ def sample_tokens(logits_N_V: torch.Tensor, temperature: float, top_p: float, ge
 def draw(weights_N_V: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """One id per row with probability proportional to its weight, by inverting the CDF: one
     uniform number per row, where `torch.multinomial` draws one exponential per vocabulary
-    entry (measured: 45 us against 360 us to 5 ms for 64 rows of 1024). The CDF is float64
-    so a zero weight's empty interval stays empty."""
+    entry (measured: 45 us against 360 us to 5 ms for 64 rows of 1024). The CDF is float64,
+    and a draw that rounds up to the total takes the last id of nonzero weight, so a zero
+    weight is never drawn."""
     cdf_N_V = weights_N_V.double().cumsum(dim=-1)
-    u_N_1 = torch.rand(cdf_N_V.shape[0], 1, generator=gen, dtype=torch.float64, device=cdf_N_V.device) * cdf_N_V[:, -1:]
-    return torch.searchsorted(cdf_N_V, u_N_1, right=True).squeeze(-1).clamp_(max=cdf_N_V.shape[1] - 1)
+    total_N_1 = cdf_N_V[:, -1:]
+    if not bool(((total_N_1 > 0) & total_N_1.isfinite()).all()):
+        raise ValueError("sampling weights are all zero or not finite (the model's logits hold NaN or inf)")
+    u_N_1 = torch.rand(cdf_N_V.shape[0], 1, generator=gen, dtype=torch.float64, device=cdf_N_V.device) * total_N_1
+    last_N_1 = torch.searchsorted(cdf_N_V, total_N_1)  # the first id whose CDF reaches the total
+    return torch.minimum(torch.searchsorted(cdf_N_V, u_N_1, right=True), last_N_1).squeeze(-1)
 
 
 def decode(model, prompts: list[list[int]], num_samples: int, max_tokens: int, temperature: float, top_p: float,
@@ -75,8 +81,13 @@ def decode(model, prompts: list[list[int]], num_samples: int, max_tokens: int, t
     mask_N_P = mask_B_P.repeat_interleave(num_samples, dim=0)
     next_pos_N = positions_B_P[:, -1].repeat_interleave(num_samples) + 1
     logits_N_V = out.logits[:, -1].float().repeat_interleave(num_samples, dim=0)
-    step = LeanStep(model, cache, mask_N_P, P + max_tokens) if supports(model, P + max_tokens) else \
-        HfStep(model, cache, mask_N_P, cache_arg)
+    if max_tokens == 1:  # the prefill's token is the whole answer
+        step = None
+    elif supports(model, P + max_tokens):
+        step = LeanStep(model, cache, mask_N_P, P + max_tokens)
+    else:
+        step = HfStep(model, cache, mask_N_P, cache_arg)
+    del out, cache  # the prefill's logits, and its cache once the lean step copied it
 
     gen = torch.Generator(device=device).manual_seed(seed)
     stop_ids_t = torch.tensor(stop_ids, dtype=torch.long, device=device)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
 
 
 @dataclass
@@ -42,14 +43,19 @@ class _Layer:
 
 
 def supports(model, capacity: int) -> bool:
-    """Whether `model` runs the lean step for a cache of `capacity` positions."""
-    if type(model).__name__ not in SUPPORTED:
+    """Whether `model` runs the lean step for a cache of `capacity` positions: transformers'
+    own class (not remote code of the same name), no MLP biases, a rotary embedding whose
+    frequencies do not depend on the sequence's length (dynamic and longrope do), and every
+    layer attending to the whole cache."""
+    if type(model).__name__ not in SUPPORTED or not type(model).__module__.startswith("transformers.models."):
         return False
     config = model.config
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        return all(t == "full_attention" for t in layer_types)
-    window = getattr(config, "sliding_window", None)
+    rope = getattr(config, "rope_parameters", None) or {}
+    if getattr(config, "mlp_bias", False) or rope.get("rope_type", "default") not in STATIC_ROPE:
+        return False
+    if type(model).__name__ in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):  # their layer_types decide the window
+        return all(t == "full_attention" for t in config.layer_types)
+    window = getattr(config, "sliding_window", None)  # Mistral windows every layer, whatever layer_types says
     return window is None or window >= capacity
 
 
