@@ -28,6 +28,17 @@ def scaling_section(scaling_md: Path) -> list[str]:
     return ["## Scaling", "", f"From {scaling_md.name}, a separate run:", *body, ""]
 
 
+def update_scaling(results_md: Path, scaling_md: Path) -> None:
+    """Replace RESULTS.md's Scaling section with SCALING.md's, after `python -m bench.scaling`
+    (each command keeps its own part of RESULTS.md current)."""
+    if not results_md.exists():
+        return
+    lines = results_md.read_text().splitlines()
+    start = lines.index("## Scaling")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    write(results_md, "\n".join(lines[:start] + scaling_section(scaling_md) + lines[end:]) + "\n")
+
+
 def markdown(rows: list[Row], machine: dict, command: str, plan: dict, seconds: float, scaling_md: Path) -> str:
     out = ["# Crucible benchmark results", "", f"Command: `{command}` ({seconds:.0f} s in all).", "",
            "Each row runs ours and the reference back to back on the same ~10M-parameter Llama (Crucible's locally "

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=Path(__file__).with_name("SCALING.md"))
     args = p.parse_args(argv)
     from bench.machine import machine_info
-    from bench.report import write
+    from bench.report import update_scaling, write
 
     sizes, seq_lens = (QUICK["sizes"], QUICK["seq_lens"]) if args.quick else (tuple(SIZES), SEQ_LENS)
     scratch = tempfile.TemporaryDirectory(prefix="bench_scaling_")  # models and every cell's files, removed at exit
@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.scaling" + (" --quick" if args.quick else "")
     write(args.output, markdown(rows, machine, time.perf_counter() - started, command))
     plot(rows, args.output.with_name("scaling.png"))
-    print(f"wrote {args.output} and scaling.png")
+    update_scaling(args.output.with_name("RESULTS.md"), args.output)
+    print(f"wrote {args.output} and scaling.png (and RESULTS.md's Scaling section)")
     return 0
 
 

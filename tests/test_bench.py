@@ -27,6 +27,8 @@ def test_unknown_row_is_refused():
 
 def test_quick_scaling_writes_its_table_and_plot(tmp_path):
     out = tmp_path / "SCALING.md"
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# results\n\n## Scaling\n\nNot measured yet.\n\n## Plan\n\n- reps: 1\n")
     done = subprocess.run([sys.executable, "-m", "bench.scaling", "--quick", "--output", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -36,6 +38,8 @@ def test_quick_scaling_writes_its_table_and_plot(tmp_path):
     assert ours > 0 and trl > 0
     assert store_mb < copies_mb  # the checkpoint's weights are stored once, not as model/ and state/ copies
     assert (tmp_path / "scaling.png").stat().st_size > 1000
+    updated = results.read_text()  # RESULTS.md beside it carries the same table in its Scaling section
+    assert row in updated and "Not measured yet" not in updated and updated.endswith("## Plan\n\n- reps: 1\n")
 
 
 def test_tokenization_reference_makes_our_artifact(tmp_path):
