@@ -2,7 +2,7 @@
 chat completions, Anthropic's messages and Google's generateContent (as the Tinker adapter's
 contract suite stands in for Tinker). Each call takes the next action of `plan` (then
 `default`): "ok", ("status", code, retry_after or None), ("stall", seconds), "malformed". Calls
-are counted per provider; `answer(provider, messages)` writes the reply; `latency()` adds a
+are counted per provider; `answer(provider, messages)` writes the reply; `latency(body)` adds a
 delay to every "ok" (a heavy tail for the hedging test). Keys are checked where each provider
 sends them."""
 
@@ -31,7 +31,7 @@ class StandIn:
         self.plan: deque = deque()
         self.default = "ok"
         self.answer = lambda provider, messages: f"echo: {messages[-1]['content']}"
-        self.latency = lambda: 0.0
+        self.latency = lambda body: 0.0  # seconds to wait before answering this request body
         self.bodies: list[tuple[str, dict]] = []
         self._lock = threading.Lock()
 
@@ -59,7 +59,7 @@ class StandIn:
             return JSONResponse(error_of(action[1], "stand-in error"), status_code=action[1], headers=headers)
         if action == "malformed":
             return JSONResponse({"unexpected": "shape"})
-        await asyncio.sleep(self.latency())
+        await asyncio.sleep(self.latency(body))
         text = self.answer(provider, messages_of(body))
         return JSONResponse(body_of(body, text, 11, len(text.split())))
 

@@ -82,13 +82,25 @@ def test_a_stalled_copy_is_hedged_and_the_call_returns_at_the_hedge_delay(stand_
 
 
 def test_hedging_cuts_the_p99_of_a_heavy_tail(stand_in, tmp_path, capsys):
-    """200 calls, 20 in flight; 5% of the stand-in's answers take 2 s, the rest 10-30 ms."""
+    """200 calls, 20 in flight; ten of them (seeded) take 2 s the first time the stand-in sees
+    them, the rest and every second copy 10-30 ms: a tail a second try escapes, which is what
+    hedging is for. (Drawing slowness per arrival made a hedge copy slow 5% of the time, and
+    the test failed whenever two copies were.)"""
     def run(hedge: bool) -> dict:
         rng = random.Random(1)
-        stand_in.latency = lambda: 2.0 if rng.random() < 0.05 else rng.uniform(0.01, 0.03)
+        slow, seen = {f"What is 2 + {i}?" for i in rng.sample(range(200), 10)}, set()
+
+        def latency(body: dict) -> float:
+            question = body["messages"][-1]["content"]
+            first = question not in seen
+            seen.add(question)
+            return 2.0 if first and question in slow else rng.uniform(0.01, 0.03)
+
+        stand_in.latency = latency
         c = client(stand_in, "openai", tmp_path / str(hedge), hedge=hedge, max_concurrency=20, hedge_percentile=0.9,
                    hedge_initial_s=0.1, hedge_budget=0.2)
-        c.complete([{**ASK, "i": i} for i in range(200)])
+        c.complete([{**ASK, "messages": [*ASK["messages"][:-1], {"role": "user", "content": f"What is 2 + {i}?"}]}
+                    for i in range(200)])
         return c.report()
 
     plain, hedged = run(False), run(True)
