@@ -54,5 +54,6 @@ def run(w, plan) -> list[Row]:
                "TRL (defaults) pairs/s": m["trl_defaults"], "ratio vs TRL defaults": m["ours"] / m["trl_defaults"],
                "steps": plan.dpo_steps, "pairs per step": plan.batch_size}
     return [Row("DPO", "pairs/s incl. reference log-probs, ours / TRL DPOTrainer (expert)", m["ours"] / m["trl"], 2.0,
-                details=details, profile=op_profile(ours), limit="both sides score the reference once and run the policy on chosen and rejected; "
-                "what is left is per-step fixed cost (AdamW over every weight), as heavy as the forward at this size")]
+                details=details, profile=op_profile(ours), limit="both sides score the reference once and run the policy on chosen and rejected in "
+                "one forward, the same bf16 work per step (see the profile); leading it needs less work: the prompt "
+                "both sides share computed once (a prefix-shared forward), not built")]
