@@ -1,6 +1,7 @@
 """sl_basic's work without Dagster, the store or the checks: the same functions the assets
 call (tokenizer, tiny model, records, tokenized shards, training loop, checkpoint, eval, the
-eval suites it runs by default), in one plain process. The orchestration row times this against `dagster job execute`.
+eval suites it runs by default), in one plain process. The orchestration row times this
+against `dagster job execute`.
 
     python -m bench.bare_sl_basic ROOT RUN_CONFIG.json
 """

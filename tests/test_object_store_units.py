@@ -122,3 +122,23 @@ def test_a_large_file_is_stored_once_remotely_and_checked_by_its_bytes(remote, t
     assert (third.open_verified(third.lookup("cd34")) / "model.safetensors").read_bytes() == weights
     remote.rm(f"/bucket/store/files/{sha}")
     assert store.verify(first) == ["model.safetensors"]  # missing shows as missing
+
+
+def test_a_file_an_artifact_holds_twice_is_downloaded_once(remote, tmp_path, monkeypatch):
+    weights = bytes(range(256)) * 512
+
+    def checkpoint(out):  # the weights, and the resumable state's copy of them
+        for name in ("model/model.safetensors", "state/model/model.safetensors"):
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(weights)
+
+    ArtifactStore(root=URL).write("r/checkpoint", "ab12", checkpoint, {"config": {}})
+    monkeypatch.setenv("CRUCIBLE_HOME", str(tmp_path / "second_machine"))
+    other = ArtifactStore(root=URL)
+    fetched = []
+    real_get = type(other.remote.fs).get
+    monkeypatch.setattr(type(other.remote.fs), "get",
+                        lambda fs, rpaths, lpaths, **kw: fetched.extend(rpaths) or real_get(fs, rpaths, lpaths, **kw))
+    path = other.open_verified(other.lookup("ab12"))
+    assert len(fetched) == 1 and fetched[0].endswith(other.manifest("ab12")["files"]["model/model.safetensors"])
+    assert (path / "model/model.safetensors").read_bytes() == (path / "state/model/model.safetensors").read_bytes() == weights

@@ -16,6 +16,7 @@ import yaml
 
 from bench.result import Row
 from bench.scaling import disk_bytes
+from crucible_assets.suites.assets import SUITES
 from bench.timing import timed
 
 STARTUP = ("each `dagster job execute` pays Dagster's own per-run work: importing dagster, its CLI and its SQLite "
@@ -39,8 +40,8 @@ def run_config(plan) -> dict:
     if plan.orchestration_steps < 50:
         ops |= {"base__tiny_llama": {"config": TINY_MODEL}, "sl_basic__dataset": {"config": {"num_examples": 200}},
                 "sl_basic__eval_report": {"config": {"max_tokens": 4, "bootstrap_samples": 50}}}
-        ops |= {f"sl_basic__eval_{suite}": {"config": {"num_prompts": 2, "bootstrap_samples": 50}}
-                for suite in ("robustness", "self_consistency", "attribution")}
+        ops |= {f"sl_basic__{suite.asset_stage}": {"config": {"num_prompts": 2, "bootstrap_samples": 50}}
+                for suite in SUITES.values()}
     return {"ops": ops}
 
 
@@ -58,8 +59,9 @@ def run(w, plan) -> list[Row]:
     (root / "run.yaml").write_text(yaml.safe_dump(config))
     (root / "run.json").write_text(json.dumps(config))
     (root / "dagster").mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "CRUCIBLE_STORE"} | {"DAGSTER_HOME": str(root / "dagster"), "CRUCIBLE_HOME": str(root / "crucible"),
-                        "DAGSTER_MODULE_NAME": "crucible_jobs"}
+    env = {k: v for k, v in os.environ.items() if k != "CRUCIBLE_STORE"}  # the job's store is its own
+    env |= {"DAGSTER_HOME": str(root / "dagster"), "CRUCIBLE_HOME": str(root / "crucible"),
+            "DAGSTER_MODULE_NAME": "crucible_jobs"}
     dagster = str(Path(sys.executable).with_name("dagster"))
     job = [dagster, "job", "execute", "-j", "sl_basic", "-c", str(root / "run.yaml")]
     bare = _run([sys.executable, "-m", "bench.bare_sl_basic", str(root / "bare"), str(root / "run.json")], env)

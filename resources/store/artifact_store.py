@@ -336,17 +336,17 @@ class ArtifactStore(ConfigurableResource):
         self.open_verified(ref)
         return ref
 
-    def _mismatches(self, ref: ArtifactRef, actual: dict[str, str]) -> list[str]:
-        expected = self.manifest(ref.fingerprint)["files"]
+    @staticmethod
+    def _mismatches(expected: dict[str, str], actual: dict[str, str]) -> list[str]:
         return sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
 
     def verify(self, ref: ArtifactRef) -> list[str]:
         """Files whose bytes in the store no longer match the manifest (missing, extra or
         changed); with a URL root, the remote bytes."""
+        files = self.manifest(ref.fingerprint)["files"]
         if self.remote:
-            files = self.manifest(ref.fingerprint)["files"]
-            return self._mismatches(ref, self.remote.file_hashes(f"objects/{ref.content_hash}", files))
-        return self._mismatches(ref, hash_tree(ref.dir)[1] if ref.dir.is_dir() else {})
+            return self._mismatches(files, self.remote.file_hashes(f"objects/{ref.content_hash}", files))
+        return self._mismatches(files, hash_tree(ref.dir)[1] if ref.dir.is_dir() else {})
 
     def _pull_object(self, ref: ArtifactRef) -> None:
         """Fetch a remote object into this machine's cache, checked before it enters: a damaged
@@ -355,7 +355,7 @@ class ArtifactStore(ConfigurableResource):
         try:
             files = self.manifest(ref.fingerprint)["files"]
             self.remote.fetch_dir(f"objects/{ref.content_hash}", staging, files)
-            if bad := self._mismatches(ref, hash_tree(staging)[1]):
+            if bad := self._mismatches(files, hash_tree(staging)[1]):
                 raise IntegrityError(f"artifact {ref.key} ({ref.content_hash}) fetched from {self.location} fails its "
                                      "manifest: " + ", ".join(bad))
             share_files(staging, files, self.base / "files")  # this machine's cache stores each file once too
@@ -378,7 +378,8 @@ class ArtifactStore(ConfigurableResource):
         seen = stat_signature(ref.dir) if ref.dir.is_dir() else ()
         if seen and _VERIFIED.get((ref.dir, ref.fingerprint)) == seen:
             return ref.dir
-        bad = self._mismatches(ref, hash_tree(ref.dir)[1] if ref.dir.is_dir() else {})
+        expected = self.manifest(ref.fingerprint)["files"]
+        bad = self._mismatches(expected, hash_tree(ref.dir)[1] if ref.dir.is_dir() else {})
         if bad:
             raise IntegrityError(
                 f"artifact {ref.key} ({ref.content_hash}) at {ref.path} fails its manifest: "

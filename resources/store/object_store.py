@@ -15,13 +15,12 @@ recipe's base model are one object, not three.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from pathlib import Path
 
 import fsspec
 
-from resources.store.shared_files import SHARED_MIN_BYTES
+from resources.store.shared_files import SHARED_MIN_BYTES, link_or_copy, stream_sha256
 
 
 class RemoteTree:
@@ -85,26 +84,32 @@ class RemoteTree:
             name: f"{rel}/{name}" for name in own if name not in files}
 
     def fetch_dir(self, rel: str, local_dir: Path, files: dict[str, str]) -> None:
+        """Each source downloaded once: a file the artifact holds twice (a checkpoint's weights
+        and its resumable state's copy share files/<sha256>) is linked locally, not fetched again."""
         sources = self._sources(rel, files)
         if not sources:
             raise FileNotFoundError(f"{self._path(rel)} holds no files in {self.url}")
         names = sorted(sources)
         for n in names:
             (local_dir / n).parent.mkdir(parents=True, exist_ok=True)
-        self.fs.get([self._path(sources[n]) for n in names], [str(local_dir / n) for n in names])
+        first = {}
+        for n in names:
+            first.setdefault(sources[n], n)
+        self.fs.get([self._path(src) for src in first], [str(local_dir / n) for n in first.values()])
+        for n in names:
+            if first[sources[n]] != n:
+                link_or_copy(local_dir / first[sources[n]], local_dir / n)
 
     def file_hashes(self, rel: str, files: dict[str, str]) -> dict[str, str]:
         """sha256 of every file of the artifact under `rel`, streamed from the store (what an
-        audit checks): a shared file is hashed from its files/<sha256> copy, never trusted by
-        its name; one that is missing is left out, so it shows as missing."""
-        hashes = {}
-        for name, source in self._sources(rel, files).items():
-            h = hashlib.sha256()
+        audit checks), each source once: a shared file is hashed from its files/<sha256> copy,
+        never trusted by its name; one that is missing is left out, so it shows as missing."""
+        by_source: dict[str, str | None] = {}
+        for source in set(self._sources(rel, files).values()):
             try:
                 with self.fs.open(self._path(source), "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        h.update(chunk)
+                    by_source[source] = stream_sha256(f)
             except FileNotFoundError:
-                continue
-            hashes[name] = h.hexdigest()
-        return hashes
+                by_source[source] = None
+        return {name: by_source[source] for name, source in self._sources(rel, files).items()
+                if by_source[source] is not None}

@@ -6,16 +6,30 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import uuid
 from pathlib import Path
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+        return stream_sha256(f)
+
+
+def stream_sha256(f) -> str:
+    """sha256 of an open binary file (local or fsspec), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
     return h.hexdigest()
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """dst as a hard link to src where the filesystem allows, else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 SHARED_MIN_BYTES = 1 << 16  # below this a link saves less than it costs to keep track of

@@ -10,10 +10,10 @@ in one matmul; gate and up in another), and a step is one straight pass over the
 The prefill stays transformers' forward (its masks handle any prompt layout); its cache is
 copied into the preallocated one. The rotary table is the model's own rotary module's (so its
 scaling holds), applied as one complex multiply per q and k; the norms compute what the
-family's RMSNorm does and the activation is the model's, so numerics follow the model's code. Only architectures whose decoder layer is
-exactly Llama's (pre-norm attention + gated MLP, optional q/k bias and q/k norms) qualify;
-anything else (other families, LoRA-wrapped models, sliding-window attention) keeps the
-generic step. Shapes: N rows, T cache capacity, H query heads, K key/value heads, D head size.
+family's RMSNorm does and the activation is the model's, so numerics follow the model's
+code. Only architectures whose decoder layer is exactly Llama's (pre-norm attention + gated
+MLP, optional q/k bias and q/k norms) qualify (`supports`); anything else keeps the generic
+step. Shapes: N rows, T cache capacity, H query heads, K key/value heads, D head size.
 """
 
 from __future__ import annotations
